@@ -1,0 +1,151 @@
+"""Runtime backends: name -> runner, plus facts about the host every backend reports.
+
+A *runner* is the object a backend module exposes as ``RUNNER``. Bench talks to it only
+through the ``Runner`` protocol below, so a new runtime plugs in by writing one module and one
+``register_backend`` line; nothing else in edgekd changes.
+
+Backend modules are imported lazily, when a bundle asks for them: ``edgekd bench`` on a
+Raspberry Pi imports onnxruntime and nothing heavier, and a backend whose package is not
+installed fails with a one-line ``pip install 'edgekd[EXTRA]'`` hint instead of an ImportError.
+Only ``onnxruntime`` is registered today; ``tensorrt`` and ``qonnx`` register the same way
+once their modules exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import MissingExtraError
+from ..registry import Registry
+
+
+class Runner(Protocol):
+    """What bench needs from a runtime. ``handle`` is the runtime's loaded model (a session)."""
+
+    name: str
+
+    def load(self, model_path: Path, threads: int = 0) -> Any:
+        """Load the artifact; ``threads`` = 0 lets the runtime choose."""
+
+    def run(self, handle: Any, x: np.ndarray) -> np.ndarray:
+        """Return the first output (logits) for the input batch ``x``."""
+
+    def timed_call(self, handle: Any, x: np.ndarray):
+        """A zero-argument callable doing exactly one inference on ``x``, for the timing loop."""
+
+    def input_info(self, handle: Any) -> dict:
+        """``{"name": str, "shape": list, "fixed_batch": int | None}`` of the first input."""
+
+    def describe_environment(self, handle: Any = None) -> dict:
+        """Runtime version, threads, execution providers; merged with ``host_facts()``."""
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Where a backend lives and what to install when its package is missing."""
+
+    name: str
+    module: str  # import path of the module exposing RUNNER
+    package: str  # the pip package the module needs
+    extra: str  # the edgekd extra that installs it
+    purpose: str  # completes "... needs the 'package' package"
+
+
+BACKENDS: Registry[BackendSpec] = Registry("backend")
+
+
+def register_backend(spec: BackendSpec) -> None:
+    BACKENDS.add(spec.name, spec)
+
+
+register_backend(BackendSpec("onnxruntime", "edgekd.backends.onnxruntime", "onnxruntime", "device",
+                             "running an ONNX Runtime bundle"))
+
+
+def get_runner(name: str) -> Runner:
+    """The runner for backend ``name``; unknown names fail with a did-you-mean."""
+    spec = BACKENDS.get(name)
+    try:
+        module = importlib.import_module(spec.module)
+    except ImportError as e:
+        if e.name and e.name.split(".")[0] == spec.package:
+            raise MissingExtraError(spec.package, spec.extra, spec.purpose) from None
+        raise
+    return module.RUNNER
+
+
+# --- host facts -----------------------------------------------------------------------------------
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace").strip().strip("\x00") or None
+    except OSError:
+        return None
+
+
+def _command(*argv: str) -> str | None:
+    """Output of a diagnostic tool if it is on PATH and answers within 3 s, else None."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=3, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def cpu_model() -> str:
+    """CPU name from /proc/cpuinfo ("model name" on x86, "Model" on a Raspberry Pi), the
+    device-tree model on other ARM boards, else what ``platform`` knows."""
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model") and value.strip():
+            return value.strip()
+    return _read("/proc/device-tree/model") or platform.processor() or platform.machine()
+
+
+def host_facts() -> dict:
+    """Facts about the machine that affect timings. Keys that cannot be read are absent.
+
+    ``cpu_count`` is logical CPUs; ``cpus_usable`` those this process may run on (affinity);
+    ``temperature_c`` is thermal zone 0 at the time of the call; ``rpi_throttled`` is the raw
+    ``vcgencmd get_throttled`` answer (0x0 = never throttled since boot).
+    """
+    from .. import __version__
+
+    facts: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "edgekd_version": __version__,
+    }
+    if hasattr(os, "sched_getaffinity"):
+        facts["cpus_usable"] = len(os.sched_getaffinity(0))
+    facts.update(_optional_facts())
+    return facts
+
+
+def _optional_facts() -> dict:
+    found = {
+        "cpu_governor": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
+        "rpi_throttled": _command("vcgencmd", "get_throttled"),
+        "jetson_release": _read("/etc/nv_tegra_release"),
+        "jetson_nvpmodel": _command("nvpmodel", "-q"),
+    }
+    temp = _read("/sys/class/thermal/thermal_zone0/temp")
+    if temp and temp.lstrip("-").isdigit():
+        found["temperature_c"] = int(temp) / 1000.0  # the kernel reports millidegrees Celsius
+    return {k: v for k, v in found.items() if v is not None}

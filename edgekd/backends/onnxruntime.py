@@ -1,0 +1,199 @@
+"""The ONNX Runtime backend: load, optimize, inspect and run an ONNX artifact.
+
+Needs only numpy and onnxruntime (never torch). ``fusion_report`` also needs the ``onnx``
+package, imported lazily; on a device without it the report says so instead of failing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import EdgekdError, MissingFileError
+from ..fsutil import atomic_path
+from . import host_facts
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+# Compute nodes that run in floating point vs. in integer arithmetic after ORT's rewrites.
+# Fused* are ORT's float fusions (Conv+activation, MatMul+scale); com.microsoft.nchwc Conv is "Conv".
+FLOAT_COMPUTE = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"})
+QUANT_COMPUTE = frozenset({"QLinearConv", "QLinearConvTranspose", "QLinearMatMul", "QGemm", "ConvInteger",
+                           "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
+
+
+def select_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """The execution providers to use: CPU by default, else those requested that this build offers.
+
+    Raises EdgekdError when none of the requested providers is available.
+    """
+    available = ort.get_available_providers()
+    if not requested:
+        return list(DEFAULT_PROVIDERS)
+    chosen = [p for p in requested if p in available]
+    if not chosen:
+        raise EdgekdError(f"none of the execution providers {list(requested)} is available in this "
+                          f"onnxruntime build", f"available: {', '.join(available)}")
+    return chosen
+
+
+def _options(threads: int, level: str) -> ort.SessionOptions:
+    if level not in LEVELS:
+        raise EdgekdError(f"unknown optimization level {level!r}", f"choose one of: {', '.join(LEVELS)}")
+    if threads < 0:
+        raise EdgekdError(f"threads must be >= 0, got {threads}", "0 lets ONNX Runtime choose")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.graph_optimization_level = LEVELS[level]
+    so.log_severity_level = 3  # errors only: keep warnings out of the benchmark's terminal output
+    return so
+
+
+def _session(model_path: Path, so: ort.SessionOptions, providers: Sequence[str] | None) -> ort.InferenceSession:
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise MissingFileError(f"model file not found: {model_path}")
+    chosen = select_providers(providers)
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=so, providers=chosen)
+    except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, InvalidGraph...)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgekdError(f"ONNX Runtime cannot load {model_path}: {detail}",
+                          "re-export the bundle with `edgekd export`") from None
+
+
+def make_session(model_path, threads: int = 0, providers: Sequence[str] | None = None,
+                 level: str = "all") -> ort.InferenceSession:
+    """An InferenceSession with ``threads`` intra-op threads (0: ORT's default, one per physical
+    core), full graph optimization (``level``) and the providers chosen by ``select_providers``."""
+    return _session(Path(model_path), _options(threads, level), providers)
+
+
+def optimize(model_path, out_path, level: str = "basic", providers: Sequence[str] | None = None) -> Path:
+    """Save ORT's optimized graph of ``model_path`` to ``out_path`` (``.ort`` suffix: ORT format).
+
+    Levels (ONNX Runtime's graph optimization levels):
+    - ``basic``: semantics-preserving rewrites (constant folding, redundant node elimination,
+      Conv+BatchNorm/Add folding) that run before the graph is split between execution providers
+      and use only standard ONNX ops, so the file is portable: optimize on the host, ship to a Pi.
+    - ``extended``: fusions applied after partitioning to nodes assigned to the CPU/CUDA providers
+      (e.g. Q/DQ pairs into ``QLinearConv``, GELU, attention); may emit ``com.microsoft`` contrib
+      ops, so it needs an ORT build with those kernels (every standard build has them).
+    - ``all``: adds layout rewrites (NCHWc blocking) tuned to this CPU's vector width; the file is
+      specific to this machine's hardware and should not be copied to a different device.
+    The session that bench creates applies ``all`` itself at load time, on the device.
+    """
+    so = _options(0, level)
+    out_path = Path(out_path)
+    so.add_session_config_entry("session.save_model_format", "ORT" if out_path.suffix == ".ort" else "ONNX")
+    with atomic_path(out_path) as tmp:
+        so.optimized_model_filepath = str(tmp)
+        _session(Path(model_path), so, providers)
+    return out_path
+
+
+def fusion_report(model_path, level: str = "all") -> dict:
+    """Count the compute nodes left after ORT optimizes ``model_path`` at ``level``.
+
+    ``float_compute`` counts float Conv/Gemm/MatMul (and ORT's Fused* variants);
+    ``quantized_compute`` counts integer kernels (QLinearConv, QLinearMatMul, QGemm, ConvInteger,
+    MatMulInteger...). An int8 export that truly runs in int8 has ``float_compute`` == 0;
+    ``quantized_fraction`` = quantized / (quantized + float), None when there are no compute nodes.
+    Without the ``onnx`` package: ``{"available": False, "reason": ...}`` instead of the counts.
+    """
+    try:
+        import onnx
+    except ImportError:
+        return {"available": False, "reason": "the 'onnx' package is not installed, so the optimized graph "
+                                               "cannot be read; run fusion_report on the host"}
+    with tempfile.TemporaryDirectory(prefix="edgekd-fusion-") as tmp:
+        optimized = optimize(model_path, Path(tmp) / "optimized.onnx", level=level)
+        ops = Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
+    return _summarize_ops(ops, level)
+
+
+def _summarize_ops(ops: Counter, level: str) -> dict:
+    float_ops = {op: n for op, n in sorted(ops.items()) if op in FLOAT_COMPUTE}
+    quant_ops = {op: n for op, n in sorted(ops.items()) if op in QUANT_COMPUTE}
+    n_float, n_quant = sum(float_ops.values()), sum(quant_ops.values())
+    return {
+        "available": True,
+        "level": level,
+        "float_compute": n_float,
+        "quantized_compute": n_quant,
+        "quantized_fraction": n_quant / (n_float + n_quant) if n_float + n_quant else None,
+        "float_ops": float_ops,
+        "quantized_ops": quant_ops,
+        "ops": dict(sorted(ops.items())),
+    }
+
+
+def input_info(session: ort.InferenceSession) -> dict:
+    """Name and shape of the first input; ``fixed_batch`` is the batch dimension when it is a
+    fixed integer in the graph, None when it is symbolic (any batch size runs)."""
+    first = session.get_inputs()[0]
+    shape = list(first.shape)
+    fixed = shape[0] if shape and isinstance(shape[0], int) else None
+    return {"name": first.name, "names": [i.name for i in session.get_inputs()], "shape": shape,
+            "type": first.type, "fixed_batch": fixed}
+
+
+def run(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    """The first output of ``session`` for the input batch ``x`` (fed to the first input)."""
+    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x)})[0]
+
+
+def timed_call(session: ort.InferenceSession, x: np.ndarray):
+    """A zero-argument callable doing one ``session.run`` on ``x``; the feed is built once so the
+    timing loop measures the run, not dictionary or array preparation."""
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(x)}
+    run_ = session.run
+    return lambda: run_(None, feed)
+
+
+def describe_environment(session: ort.InferenceSession | None = None) -> dict:
+    """Host facts plus the runtime: ORT version, providers available and (with a session) used,
+    and ``intra_op_threads`` as configured (0 = ORT's default, one thread per physical core)."""
+    env = host_facts()
+    env.update({"runtime": "onnxruntime", "onnxruntime_version": ort.__version__,
+                "providers_available": ort.get_available_providers()})
+    if session is not None:
+        env["providers_used"] = session.get_providers()
+        env["intra_op_threads"] = session.get_session_options().intra_op_num_threads
+    return env
+
+
+class OrtRunner:
+    """The ``Runner`` (see edgekd.backends) for ONNX Runtime."""
+
+    name = "onnxruntime"
+
+    def load(self, model_path: Path, threads: int = 0) -> Any:
+        return make_session(model_path, threads=threads)
+
+    def run(self, handle: Any, x: np.ndarray) -> np.ndarray:
+        return run(handle, x)
+
+    def timed_call(self, handle: Any, x: np.ndarray):
+        return timed_call(handle, x)
+
+    def input_info(self, handle: Any) -> dict:
+        return input_info(handle)
+
+    def describe_environment(self, handle: Any = None) -> dict:
+        return describe_environment(handle)
+
+
+RUNNER = OrtRunner()

@@ -1,0 +1,499 @@
+"""Benchmark bundles on this machine: verify, time, measure accuracy and memory, judge budgets.
+
+Needs only numpy and the bundle's runtime (never torch). Returns rows; never prints or exits.
+One row per bundle and batch size. A bundle that fails yields an ``error`` row and the others
+still run. Row ``status``: ``ok``; ``fail`` (measured, but over a profile budget); ``error``
+(message in ``error``); ``skipped`` (reason in ``note``, e.g. a fixed batch dimension).
+
+Definitions used in every row:
+- Timing follows trtexec / onnxruntime_perf_test: warm-up runs until at least ``warmup`` runs
+  AND ``warmup_s`` seconds have passed, then timed runs until at least ``iterations`` runs AND
+  ``min_time_s`` seconds. Each run is one runtime call (``session.run``) on a batch of real eval
+  samples, timed alone with ``time.perf_counter``; Python's garbage collector is paused while
+  timing. ``latency_ms`` holds min, mean, p50, p90, p95, p99 (numpy's linear interpolation
+  between order statistics) and std (population standard deviation) of those per-call times.
+- ``throughput_ips`` = batch size / mean latency in seconds: images per second of one stream of
+  back-to-back calls (no concurrent requests).
+- ``accuracy``: top-1 accuracy through the runtime on all of eval.npz (0..1);
+  ``deploy_delta`` = accuracy - ``torch_accuracy`` (the fake-quant PyTorch accuracy from the
+  manifest): what deployment cost, after distillation and quantization cost their share.
+- ``size_mb``: size of the model file on disk, MB = 10**6 bytes.
+- ``peak_rss_mb``: the process's peak resident memory (``getrusage`` ru_maxrss) while the bundle
+  was loaded, evaluated and timed, interpreter and eval data included. On Linux the kernel's
+  high-water mark is reset before loading each bundle (``peak_rss_scope`` = "bundle"); where
+  that is impossible it is the whole process lifetime, earlier bundles included ("process").
+  ``rss_increase_mb`` = VmRSS after the runs - VmRSS before loading the model (memory the loaded
+  model keeps); ``peak_rss_increase_mb`` = peak - VmRSS before loading (what loading and running
+  needed at most on top of what the process already held). Both need /proc (Linux).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .backends import get_runner, host_facts
+from .catalog import BenchSettings, Budgets, Profile
+from .errors import EdgekdError, MissingFileError
+from .fsutil import BUNDLES_DIR, latest
+
+MB = 1e6
+ACCURACY_BATCH = 64  # batch used for accuracy when the model's batch dimension is dynamic
+REQUIRED_KEYS = ("target", "backend", "format", "model_file", "weight_bits", "act_bits", "input_shape",
+                 "input_name", "classes", "normalization", "torch_accuracy", "parity", "files",
+                 "edgekd_version")
+
+
+class BundleError(EdgekdError):
+    """A bundle that is incomplete, corrupt, or modified after export."""
+
+
+@dataclass
+class Row:
+    """One benchmark result: a bundle at one batch size. JSON keys are the field names."""
+
+    bundle: str
+    path: str
+    status: str = "ok"
+    source: str = "measured"
+    target: str | None = None
+    backend: str | None = None
+    format: str | None = None
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    batch_size: int | None = None
+    size_mb: float | None = None
+    accuracy: float | None = None
+    torch_accuracy: float | None = None
+    deploy_delta: float | None = None
+    teacher_accuracy: float | None = None
+    student_float_accuracy: float | None = None
+    eval_samples: int | None = None
+    latency_ms: dict | None = None
+    timed_runs: int | None = None
+    throughput_ips: float | None = None
+    peak_rss_mb: float | None = None
+    peak_rss_scope: str | None = None
+    rss_increase_mb: float | None = None
+    peak_rss_increase_mb: float | None = None
+    budget: dict | None = None
+    profile: str | None = None
+    settings: dict | None = None
+    environment: dict = field(default_factory=dict)
+    error: str | None = None
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Bundle:
+    """A verified bundle: manifest, the model file to run, and the eval samples."""
+
+    path: Path
+    name: str
+    manifest: dict
+    model_path: Path
+    x: np.ndarray
+    y: np.ndarray
+
+
+# --- finding and verifying bundles ------------------------------------------------------------------
+
+def resolve_bundles(paths: Sequence[str | Path]) -> list[Path]:
+    """The bundle directories to bench: those given (a manifest.json path counts as its folder),
+    else the most recent one under ``bundles/``. Paths that do not exist are a user error."""
+    if not paths:
+        found = latest(BUNDLES_DIR, "manifest.json")
+        if found is None:
+            raise MissingFileError(f"no bundle found under {BUNDLES_DIR}/",
+                                   "run `edgekd export` first, or pass a bundle directory")
+        return [found]
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise MissingFileError(f"no such bundle: {', '.join(missing)}", "pass directories written by `edgekd export`")
+    return [Path(p).parent if Path(p).name == "manifest.json" else Path(p) for p in paths]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json of bundle ``path`` with every required key present."""
+    file = path / "manifest.json"
+    if not file.is_file():
+        raise BundleError(f"not a bundle: {path} has no manifest.json", "pass a directory written by `edgekd export`")
+    try:
+        manifest = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"corrupt bundle: {file} is not valid JSON ({e})", "re-export the bundle") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"corrupt bundle: {file} is not a JSON object", "re-export the bundle")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"incomplete bundle: {file} lacks {', '.join(missing)}", "re-export the bundle")
+    _check_manifest_types(manifest, file)
+    return manifest
+
+
+def _plain_name(name) -> bool:
+    """A file name inside the bundle folder (no directories, no '..', not absolute)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+
+
+def _check_manifest_types(manifest: dict, file: Path) -> None:
+    problems = []
+    if not _plain_name(manifest["model_file"]):
+        problems.append(f"model_file {manifest['model_file']!r} is not a file name inside the bundle")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(_plain_name(k) and isinstance(v, str) for k, v in files.items()):
+        problems.append("files must map file names inside the bundle to sha256 hex digests")
+    shape = manifest["input_shape"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
+        problems.append(f"input_shape must be a list of positive integers, got {shape!r}")
+    if not isinstance(manifest["classes"], list) or not manifest["classes"]:
+        problems.append("classes must be a non-empty list")
+    if problems:
+        raise BundleError(f"corrupt bundle: {file}: {'; '.join(problems)}", "re-export the bundle")
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Every file in manifest ``files`` exists with the recorded sha256; the model file and
+    eval.npz must be among them. Raises BundleError naming every mismatch at once."""
+    files = manifest["files"]
+    problems = [f"{name} is not listed in manifest 'files'" for name in (manifest["model_file"], "eval.npz")
+                if name not in files]
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(file) != digest:
+            problems.append(f"{name} sha256 differs from the manifest")
+    if problems:
+        raise BundleError(f"bundle {path} was modified after export or is incomplete: {'; '.join(problems)}",
+                          "re-export it with `edgekd export`")
+
+
+def load_eval(path: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
+    """eval.npz's ``x`` (float32, N x input_shape) and ``y`` (int64, N), checked against the manifest."""
+    try:
+        with np.load(path / "eval.npz", allow_pickle=False) as data:
+            x, y = np.ascontiguousarray(data["x"], dtype=np.float32), np.asarray(data["y"], dtype=np.int64)
+    except (OSError, ValueError, KeyError) as e:
+        raise BundleError(f"corrupt bundle: cannot read x and y from {path / 'eval.npz'} ({e})") from None
+    shape = tuple(manifest["input_shape"])
+    if x.ndim != len(shape) + 1 or x.shape[1:] != shape or y.shape != (len(x),) or len(x) == 0:
+        raise BundleError(f"eval.npz holds x {list(x.shape)} and y {list(y.shape)}, expected "
+                          f"x [N, {', '.join(map(str, shape))}] and y [N] with N > 0")
+    return x, y
+
+
+def load_bundle(path: Path, manifest: dict | None = None) -> Bundle:
+    """Read and verify a bundle: manifest keys (unless ``manifest`` was read already), file
+    hashes, eval arrays."""
+    path = Path(path)
+    manifest = manifest if manifest is not None else read_manifest(path)
+    verify_files(path, manifest)
+    x, y = load_eval(path, manifest)
+    name = str(manifest.get("name") or path.name)
+    return Bundle(path, name, manifest, path / manifest["model_file"], x, y)
+
+
+# --- statistics ---------------------------------------------------------------------------------------
+
+def time_runs(fn: Callable[[], Any], warmup: int, warmup_s: float, iterations: int, min_time_s: float,
+              clock: Callable[[], float] = time.perf_counter) -> np.ndarray:
+    """Seconds taken by each timed call of ``fn`` (see the module docstring for the rule)."""
+    start = clock()
+    done = 0
+    while done < warmup or clock() - start < warmup_s:
+        fn()
+        done += 1
+    samples: list[float] = []
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = clock()
+        while len(samples) < iterations or clock() - start < min_time_s:
+            t0 = clock()
+            fn()
+            samples.append(clock() - t0)
+    finally:
+        if enabled:
+            gc.enable()
+    return np.asarray(samples, dtype=np.float64)
+
+
+def latency_stats(seconds: Sequence[float]) -> dict:
+    """min, mean, p50, p90, p95, p99, std of per-call times, in milliseconds.
+
+    Percentiles use numpy's default linear interpolation; std is the population standard
+    deviation (ddof=0)."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    if ms.size == 0:
+        raise ValueError("no timings")
+    p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
+    return {"min": float(ms.min()), "mean": float(ms.mean()), "p50": float(p50), "p90": float(p90),
+            "p95": float(p95), "p99": float(p99), "std": float(ms.std())}
+
+
+def throughput_ips(batch: int, mean_ms: float) -> float:
+    """Images per second of back-to-back calls: batch / mean latency in seconds."""
+    return batch / (mean_ms / 1e3)
+
+
+def top1_accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of samples whose highest logit is the label."""
+    return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+def batched_logits(runner, handle, x: np.ndarray, batch: int, fixed: bool) -> np.ndarray:
+    """Run all of ``x`` through the runtime ``batch`` samples at a time. With a ``fixed`` batch
+    dimension the last chunk is padded by repeating samples and the padding dropped."""
+    outputs = []
+    for i in range(0, len(x), batch):
+        chunk = x[i:i + batch]
+        n = len(chunk)
+        if fixed and n < batch:
+            chunk = np.resize(chunk, (batch,) + chunk.shape[1:])
+        outputs.append(np.asarray(runner.run(handle, chunk))[:n])
+    return np.concatenate(outputs)
+
+
+# --- memory -------------------------------------------------------------------------------------------
+
+def _proc_status_mb(key: str) -> float | None:
+    """A kB field of /proc/self/status (VmRSS, VmHWM) in MB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024 / MB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux >= 4.0); True when it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """getrusage ru_maxrss in MB (the kernel reports kilobytes on Linux, bytes on macOS);
+    None where the ``resource`` module does not exist (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return raw / MB if sys.platform == "darwin" else raw * 1024 / MB
+
+
+@dataclass
+class MemoryProbe:
+    """RSS around loading and running one model (see the module docstring)."""
+
+    scope: str = "process"
+    rss_before: float | None = None
+
+    def start(self) -> "MemoryProbe":
+        gc.collect()
+        self.scope = "bundle" if reset_peak_rss() else "process"
+        self.rss_before = _proc_status_mb("VmRSS")
+        return self
+
+    def result(self) -> dict:
+        peak, rss_after = peak_rss_mb(), _proc_status_mb("VmRSS")
+        known = self.rss_before is not None
+        return {"peak_rss_mb": peak, "peak_rss_scope": self.scope if peak is not None else None,
+                "rss_increase_mb": rss_after - self.rss_before if known and rss_after is not None else None,
+                "peak_rss_increase_mb": peak - self.rss_before if known and self.scope == "bundle" else None}
+
+
+# --- budgets ------------------------------------------------------------------------------------------
+
+def _latency_value(row: Row, budgets: Budgets) -> float | None:
+    return (row.latency_ms or {}).get(budgets.latency_percentile)
+
+
+# budget name -> (value of the row, "max": value <= limit passes | "min": value >= limit passes)
+BUDGET_CHECKS: dict[str, tuple[Callable[[Row, Budgets], float | None], str]] = {
+    "latency_ms": (_latency_value, "max"),
+    "size_mb": (lambda row, b: row.size_mb, "max"),
+    "peak_rss_mb": (lambda row, b: row.peak_rss_mb, "max"),
+    "min_accuracy": (lambda row, b: row.accuracy, "min"),
+}
+
+
+def judge(row: Row, budgets: Budgets) -> dict:
+    """{budget: {"limit", "value", "verdict"}} for each budget the profile sets.
+
+    The latency budget applies to the row's per-call latency at ``latency_percentile``: every
+    image of a batch waits for the whole batch. A value that could not be measured fails."""
+    verdicts = {}
+    for name, (value_of, kind) in BUDGET_CHECKS.items():
+        limit = getattr(budgets, name)
+        if limit is None:
+            continue
+        value = value_of(row, budgets)
+        ok = value is not None and (value <= limit if kind == "max" else value >= limit)
+        verdicts[name] = {"limit": limit, "value": value, "verdict": "pass" if ok else "fail"}
+        if name == "latency_ms":
+            verdicts[name]["percentile"] = budgets.latency_percentile
+    return verdicts
+
+
+def apply_budgets(row: Row, budgets: Budgets | None) -> Row:
+    """Attach verdicts to a measured row; an ``ok`` row over any budget becomes ``fail``."""
+    if budgets is None or row.status not in ("ok", "fail"):
+        return row
+    row.budget = judge(row, budgets)
+    if any(v["verdict"] == "fail" for v in row.budget.values()):
+        row.status = "fail"
+    return row
+
+
+def resolve_settings(profile: Profile | None = None, **overrides) -> BenchSettings:
+    """The profile's bench settings (or the defaults) with the non-None ``overrides`` applied.
+    ``batch_sizes`` may be given as any sequence; an empty one means "not given"."""
+    settings = profile.bench if profile is not None else BenchSettings()
+    given = {k: v for k, v in overrides.items() if v is not None and v != ()}
+    if "batch_sizes" in given:
+        given["batch_sizes"] = tuple(given["batch_sizes"])
+    return dataclasses.replace(settings, **given)
+
+
+# --- benchmarking -------------------------------------------------------------------------------------
+
+def _message(e: BaseException) -> str:
+    return e.one_line() if isinstance(e, EdgekdError) else f"{type(e).__name__}: {e}"
+
+
+def _manifest_fields(manifest: dict) -> dict:
+    keys = ("target", "backend", "format", "weight_bits", "act_bits", "torch_accuracy", "teacher_accuracy",
+            "student_float_accuracy")
+    return {k: manifest.get(k) for k in keys}
+
+
+def _error_row(path: Path, e: BaseException, manifest: dict | None = None) -> Row:
+    """An ``error`` row showing what the manifest (when readable) says about the bundle."""
+    name = str((manifest or {}).get("name") or path.name)
+    row = Row(bundle=name, path=str(path), status="error", error=_message(e), environment=host_facts())
+    if manifest is not None:
+        for key, value in _manifest_fields(manifest).items():
+            setattr(row, key, value)
+    return row
+
+
+def _check_io(bundle: Bundle, info: dict, logits: np.ndarray) -> None:
+    expected = bundle.manifest["input_name"]
+    if info["name"] != expected:
+        raise BundleError(f"manifest input_name {expected!r} is not the model's first input {info['name']!r}")
+    classes = len(bundle.manifest["classes"])
+    if logits.ndim != 2 or logits.shape[1] != classes:
+        raise BundleError(f"the model outputs shape {list(logits.shape)}, expected [N, {classes}] "
+                          f"for the manifest's {classes} classes")
+
+
+def _base_row(bundle: Bundle, logits: np.ndarray, settings: BenchSettings, profile: str | None) -> Row:
+    accuracy = top1_accuracy(logits, bundle.y)
+    row = Row(bundle=bundle.name, path=str(bundle.path), **_manifest_fields(bundle.manifest),
+              size_mb=bundle.model_path.stat().st_size / MB, accuracy=accuracy, eval_samples=len(bundle.y),
+              profile=profile, settings=dataclasses.asdict(settings))
+    if row.torch_accuracy is not None:
+        row.deploy_delta = accuracy - row.torch_accuracy
+    return row
+
+
+def _batch_row(base: Row, runner, handle, bundle: Bundle, batch: int, settings: BenchSettings,
+               fixed: int | None) -> Row:
+    row = dataclasses.replace(base, batch_size=batch)
+    if fixed is not None and fixed != batch:
+        row.status = "skipped"
+        row.note = (f"the model has a fixed batch dimension of {fixed}; "
+                    f"re-export with a dynamic batch axis to bench batch size {batch}")
+        return row
+    xb = np.ascontiguousarray(np.resize(bundle.x, (batch,) + bundle.x.shape[1:]))
+    seconds = time_runs(runner.timed_call(handle, xb), settings.warmup, settings.warmup_s,
+                        settings.iterations, settings.min_time_s)
+    row.latency_ms = latency_stats(seconds)
+    row.timed_runs = len(seconds)
+    row.throughput_ips = throughput_ips(batch, row.latency_ms["mean"])
+    return row
+
+
+def _measure(bundle: Bundle, settings: BenchSettings, profile: str | None) -> list[Row]:
+    runner = get_runner(bundle.manifest["backend"])
+    memory = MemoryProbe().start()
+    handle = runner.load(bundle.model_path, settings.threads)
+    info = runner.input_info(handle)
+    fixed = info["fixed_batch"]
+    logits = batched_logits(runner, handle, bundle.x, fixed or ACCURACY_BATCH, fixed is not None)
+    _check_io(bundle, info, logits)
+    base = _base_row(bundle, logits, settings, profile)
+    rows = []
+    for batch in settings.batch_sizes:
+        try:
+            rows.append(_batch_row(base, runner, handle, bundle, batch, settings, fixed))
+        except Exception as e:  # one batch size failing must not hide the others
+            rows.append(dataclasses.replace(base, status="error", batch_size=batch, error=_message(e)))
+    measured = memory.result()
+    environment = runner.describe_environment(handle)
+    for row in rows:
+        row.environment = environment
+        if row.status != "error":
+            for key, value in measured.items():
+                setattr(row, key, value)
+    return rows
+
+
+def bench_bundle(path: Path, settings: BenchSettings, budgets: Budgets | None = None,
+                 profile: str | None = None) -> list[Row]:
+    """Rows for one bundle, one per batch size; any failure becomes an ``error`` row."""
+    path = Path(path)
+    manifest = None
+    try:
+        manifest = read_manifest(path)
+        rows = _measure(load_bundle(path, manifest), settings, profile)
+    except Exception as e:
+        return [_error_row(path, e, manifest)]
+    return [apply_budgets(row, budgets) for row in rows]
+
+
+def bench_bundles(paths: Sequence[Path], settings: BenchSettings, budgets: Budgets | None = None,
+                  profile: str | None = None, progress: Callable[[Path], None] | None = None) -> list[Row]:
+    """Rows for every bundle in ``paths``, in order. Failures are isolated per bundle.
+    ``progress`` (optional) is called with each path before it is benchmarked."""
+    rows: list[Row] = []
+    for path in paths:
+        if progress is not None:
+            progress(Path(path))
+        rows.extend(bench_bundle(path, settings, budgets, profile))
+    return rows
+
+
+def exit_code(rows: Sequence[Row], strict: bool) -> int:
+    """0, or with ``strict`` 1 when any row's status is not ``ok`` (fail, error or skipped)."""
+    return 1 if strict and any(row.status != "ok" for row in rows) else 0

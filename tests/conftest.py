@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny real data and a tiny distilled run, built once per session."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore", category=UserWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from edgekd.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A W4A4 student distilled on digits for 2 epochs, with a 2-epoch teacher (about 15 s)."""
+    from edgekd import api
+
+    root = tmp_path_factory.mktemp("tiny")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        opts = api.DistillOptions(weight_bits=4, act_bits=4, epochs=2, float_epochs=1, teacher_epochs=2,
+                                  batch_size=64, progress=False)
+        metrics = api.distill(opts, out=root / "run")
+    finally:
+        os.chdir(cwd)
+    return root / "run", metrics
