@@ -7,7 +7,9 @@ Heavy imports (torch, brevitas) happen inside the commands that need them.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -34,12 +36,27 @@ class EdgekdGroup(click.Group):
 @click.version_option(__version__, prog_name="edgekd")
 def main():
     """Quantized knowledge distillation for edge devices: distill, export, bench."""
+    _quiet_third_party()
+
+
+def _quiet_third_party() -> None:
+    """Keep import-time chatter of torch/Brevitas off the terminal (none of it concerns the user:
+    a CPU-only machine without CUDA, an optional Hadamard kernel, Brevitas's fx deprecation)."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    for message in ("fast_hadamard_transform", "brevitas.fx is deprecated", ".*treespec.children_specs",
+                    "Defining your `__torch_function__`", "Named tensors"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 # --- core commands (train, distill, export, run) -----------------------------------------------
 
 def _log(line: str) -> None:
     click.echo(line, err=True)
+
+
+def _logger(quiet: bool):
+    """Log lines go to stderr; with --quiet only warnings do."""
+    return (lambda s: _log(s) if s.startswith("warning") else None) if quiet else _log
 
 
 def _bits(bits, weight_bits, act_bits) -> tuple[int, int]:
@@ -75,7 +92,7 @@ def train(data, arch, epochs, lr, batch_size, seed, out, quiet):
 
     opts = TrainOptions(data=data, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                         progress=not quiet)
-    metrics = run_train(opts, out=out, log=(lambda s: None) if quiet else _log)
+    metrics = run_train(opts, out=out, log=_logger(quiet))
     click.echo(f"teacher: {metrics['path']}  test accuracy {metrics['accuracy']:.4f}  "
                f"({metrics['params']:,} parameters, {metrics['seconds']:.0f}s)")
 
@@ -118,7 +135,7 @@ def distill(data, bits, weight_bits, act_bits, teacher, student, target, method,
                           method=method, temperature=temperature, alpha=alpha, epochs=epochs,
                           float_epochs=float_epochs, teacher_epochs=teacher_epochs, lr=lr, batch_size=batch_size,
                           first_last_bits=flb, seed=seed, progress=not quiet)
-    m = run_distill(opts, out=out, log=(lambda s: None) if quiet else _log)
+    m = run_distill(opts, out=out, log=_logger(quiet))
     teacher_acc = f"{m['teacher_accuracy']:.4f}" if m["teacher_accuracy"] is not None else "-"
     click.echo(f"run: {m['run_dir']}  W{m['weight_bits']}A{m['act_bits']} student accuracy {m['student_accuracy']:.4f} "
                f"(fake-quant, PyTorch, test split)  teacher {teacher_acc}  {m['seconds']:.0f}s")
@@ -139,7 +156,7 @@ def export(run_dir, target, out, quiet):
     """Export a distilled student for a target, compile it and check it against PyTorch."""
     from .api import export as run_export
 
-    m = run_export(run_dir, target, out=out, log=(lambda s: None) if quiet else _log)
+    m = run_export(run_dir, target, out=out, log=_logger(quiet))
     p = m["parity"]
     fusion = m.get("fusion") or {}
     fused = f"  float compute nodes left: {fusion['float_compute']}" if "float_compute" in fusion else ""
