@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -155,10 +157,16 @@ def load_checkpoint(path: str | Path) -> dict:
     if path.suffix == ".safetensors":
         return {"format": "safetensors", "meta": {}, "state_dict": _load_safetensors(path)}
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:160]
-        raise CheckpointError(f"refusing to load {path}: it holds pickled objects, not only tensors ({first})",
+        if "WeightsUnpickler error" not in str(e):
+            raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch file or corrupt") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"a pickled object ({found.group(1)})" if found else "pickle opcodes that are not plain tensors"
+        raise CheckpointError(f"refusing to load {path}: the safe loader found {what} (a pickle payload, "
+                              "or a corrupt file)",
                               "re-save it as a state_dict or .safetensors") from None
     except Exception as e:  # truncated or not a torch file
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:160]}") from None
