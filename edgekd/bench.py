@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import json
 import sys
 import time
@@ -44,7 +43,7 @@ import numpy as np
 from .backends import get_runner, host_facts
 from .catalog import BenchSettings, Budgets, Profile
 from .errors import EdgekdError, MissingFileError
-from .fsutil import BUNDLES_DIR, latest
+from .fsutil import BUNDLES_DIR, latest, sha256_file
 
 MB = 1e6
 ACCURACY_BATCH = 64  # batch used for accuracy when the model's batch dimension is dynamic
@@ -123,14 +122,6 @@ def resolve_bundles(paths: Sequence[str | Path]) -> list[Path]:
     if missing:
         raise MissingFileError(f"no such bundle: {', '.join(missing)}", "pass directories written by `edgekd export`")
     return [Path(p).parent if Path(p).name == "manifest.json" else Path(p) for p in paths]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(path: Path) -> dict:

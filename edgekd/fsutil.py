@@ -7,6 +7,7 @@ into place; a bundle directory is assembled under a temporary name and renamed a
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -103,3 +104,12 @@ def latest(root: Path, marker: str) -> Path | None:
         return None
     found = [p.parent for p in root.glob(f"*/{marker}")]
     return max(found, key=lambda d: (d / marker).stat().st_mtime, default=None)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (bundles record one per file; bench checks them)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
