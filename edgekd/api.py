@@ -21,6 +21,9 @@ Log = Callable[[str], None]
 DEFAULT_TEACHER = "cnn-teacher"
 DEFAULT_STUDENT = "cnn-student"
 DEFAULT_TARGET = "onnxruntime-cpu"
+# Bumped whenever a built-in architecture changes in a way its weights' shapes do not show
+# (e.g. a stride), so that an old cached teacher is never reused with the wrong semantics.
+TEACHER_CACHE_VERSION = "v2"
 
 
 def _quiet(_: str) -> None:
@@ -56,7 +59,7 @@ def train(opts: TrainOptions, out: Path | None = None, log: Log = _quiet) -> dic
     tr.set_threads()
     data = load_dataset(opts.data, seed=opts.seed)
     model = models.build_model(opts.arch, data.num_classes, data.input_shape)
-    out = Path(out) if out else RUNS_DIR / "teachers" / _slug(_dataset_name(opts.data), opts.arch, f"s{opts.seed}",
+    out = Path(out) if out else RUNS_DIR / "teachers" / _slug(TEACHER_CACHE_VERSION, _dataset_name(opts.data), opts.arch, f"s{opts.seed}",
                                                               f"e{opts.epochs}")
     log(f"training {opts.arch} ({models.count_params(model):,} parameters) on {opts.data} for {opts.epochs} epochs")
     cfg = tr.FitConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed,
@@ -99,7 +102,7 @@ def resolve_teacher(spec: str | None, data, opts: "DistillOptions", log: Log):
         raise MissingFileError(f"teacher checkpoint not found: {spec}", "check the path, or train one with 'edgekd train'")
     arch = spec or DEFAULT_TEACHER
     topts = TrainOptions(data=opts.data, arch=arch, epochs=opts.teacher_epochs, seed=opts.seed, progress=opts.progress)
-    path = RUNS_DIR / "teachers" / _slug(_dataset_name(opts.data), arch, f"s{opts.seed}", f"e{opts.teacher_epochs}") / "model.pt"
+    path = RUNS_DIR / "teachers" / _slug(TEACHER_CACHE_VERSION, _dataset_name(opts.data), arch, f"s{opts.seed}", f"e{opts.teacher_epochs}") / "model.pt"
     if path.is_file():
         log(f"reusing teacher {path}")
     else:

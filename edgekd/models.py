@@ -44,31 +44,41 @@ class Residual(nn.Module):
         return self.relu(self.body(x) + self.skip(x))
 
 
+def _stem_stride(image_size: int) -> int:
+    """Built-in models halve images of 24 pixels or more in their first layer (4x less compute
+    in every later layer on 28x28 Fashion-MNIST); 8x8 digits keep full resolution."""
+    return 2 if image_size >= 24 else 1
+
+
 def _head(cin: int, num_classes: int) -> list[nn.Module]:
     return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
 
 
 @ARCHS.register("cnn-teacher")
-def cnn_teacher(num_classes: int = 10, in_channels: int = 1, width: int = 64) -> nn.Module:
-    """A residual CNN teacher (~1.2M parameters at width 64) for small images."""
+def cnn_teacher(num_classes: int = 10, in_channels: int = 1, width: int = 64, image_size: int = 8) -> nn.Module:
+    """A residual CNN teacher (1.5M parameters at width 64) for small images.
+
+    Images of 24 pixels or more go through a stride-2 stem (see ``_stem_stride``).
+    """
     w = width
-    return nn.Sequential(*_conv_bn(in_channels, w), Residual(w, w), Residual(w, 2 * w, 2),
+    stem = _conv_bn(in_channels, w, _stem_stride(image_size))
+    return nn.Sequential(*stem, Residual(w, w), Residual(w, 2 * w, 2),
                          Residual(2 * w, 2 * w), Residual(2 * w, 4 * w, 2), *_head(4 * w, num_classes))
 
 
 @ARCHS.register("cnn-student")
-def cnn_student(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Module:
-    """A plain 4-conv student (~25k parameters at width 16), about 2% of the teacher."""
+def cnn_student(num_classes: int = 10, in_channels: int = 1, width: int = 16, image_size: int = 8) -> nn.Module:
+    """A plain 4-conv student (33k parameters at width 16), about 2% of the teacher."""
     w = width
-    return nn.Sequential(*_conv_bn(in_channels, w), *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w, 2),
+    return nn.Sequential(*_conv_bn(in_channels, w, _stem_stride(image_size)), *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w, 2),
                          *_conv_bn(2 * w, 4 * w, 2), *_head(4 * w, num_classes))
 
 
 @ARCHS.register("resnet-student")
-def resnet_student(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> nn.Module:
-    """A small residual student (~75k parameters at width 16): exercises aligned residual adds."""
+def resnet_student(num_classes: int = 10, in_channels: int = 1, width: int = 16, image_size: int = 8) -> nn.Module:
+    """A small residual student (78k parameters at width 16): exercises aligned residual adds."""
     w = width
-    return nn.Sequential(*_conv_bn(in_channels, w), Residual(w, w), Residual(w, 2 * w, 2),
+    return nn.Sequential(*_conv_bn(in_channels, w, _stem_stride(image_size)), Residual(w, w), Residual(w, 2 * w, 2),
                          Residual(2 * w, 4 * w, 2), *_head(4 * w, num_classes))
 
 
