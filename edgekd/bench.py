@@ -316,7 +316,9 @@ class MemoryProbe:
         return self
 
     def result(self) -> dict:
-        peak, rss_after = peak_rss_mb(), _proc_status_mb("VmRSS")
+        # clear_refs resets the kernel's VmHWM, not getrusage's ru_maxrss: read the peak that was reset.
+        peak = _proc_status_mb("VmHWM") if self.scope == "bundle" else peak_rss_mb()
+        rss_after = _proc_status_mb("VmRSS")
         known = self.rss_before is not None
         return {"peak_rss_mb": peak, "peak_rss_scope": self.scope if peak is not None else None,
                 "rss_increase_mb": rss_after - self.rss_before if known and rss_after is not None else None,

@@ -18,8 +18,30 @@ from . import __version__
 from .errors import EdgekdError
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.split()).rstrip(".")
+
+
 class EdgekdGroup(click.Group):
-    """Turns EdgekdError into a one-line message and a non-zero exit, never a traceback."""
+    """Every user error ends as one ``error:`` line on stderr and a non-zero exit, never a traceback:
+    edgekd's own (EdgekdError, exit 2 or its own code) and click's usage errors (exit 2)."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:  # a program calling main(): click's own semantics, return the result
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            where = f"; see '{e.ctx.command_path} --help'" if e.ctx else ""
+            click.echo(f"error: {_one_line(e.format_message())}{where}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx):
         try:

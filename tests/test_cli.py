@@ -98,6 +98,10 @@ def test_train_command(tmp_path):
     (["export"], ["no distilled run found"]),
     (["bench"], ["no bundle found"]),
     (["bench", "--profile", "rpi6", "x"], ["did you mean"]),
+    (["distill", "--epochs", "0"], ["Invalid value for '--epochs'", "distill --help"]),
+    (["distill", "--bitz", "4"], ["No such option '--bitz'", "'--bits'"]),
+    (["export", "--target"], ["Option '--target' requires an argument"]),
+    (["targets", "show", "tensorrt-int9"], ["did you mean 'tensorrt-int8'"]),
 ])
 def test_bad_input(args, fragments, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
