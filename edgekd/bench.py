@@ -90,6 +90,8 @@ class Row:
     environment: dict = field(default_factory=dict)
     error: str | None = None
     note: str | None = None
+    device_timing: dict | None = None  # runtimes that can time the device alone (TensorRT: GPU compute)
+    estimate: dict | None = None  # source "estimated" rows: the model of the hardware they come from
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -434,6 +436,8 @@ def _batch_row(base: Row, runner, handle, bundle: Bundle, batch: int, settings: 
     row.latency_ms = latency_stats(seconds)
     row.timed_runs = len(seconds)
     row.throughput_ips = throughput_ips(batch, row.latency_ms["mean"])
+    if hasattr(runner, "device_timing"):  # e.g. TensorRT: GPU compute alone, without the copies
+        row.device_timing = runner.device_timing(handle, xb, settings.iterations)
     return row
 
 
@@ -462,6 +466,34 @@ def _measure(bundle: Bundle, settings: BenchSettings, profile: str | None) -> li
     return rows
 
 
+def _estimated_rows(bundle: Bundle, settings: BenchSettings, profile: str | None) -> list[Row]:
+    """Rows of an FPGA (QONNX) bundle: nothing runs here. Speed comes from the manifest's estimate
+    for ``profile`` (else the first one), accuracy from export's run of qonnx's executor; every
+    row says ``source: "estimated"``. Batch b: b images streamed back to back, b / throughput."""
+    estimates = bundle.manifest.get("fpga_estimates") or {}
+    name = profile if profile in estimates else (None if profile else next(iter(estimates), None))
+    base = Row(bundle=bundle.name, path=str(bundle.path), source="estimated", **_manifest_fields(bundle.manifest),
+               size_mb=bundle.model_path.stat().st_size / MB, accuracy=bundle.manifest.get("runtime_accuracy"),
+               eval_samples=(bundle.manifest.get("parity") or {}).get("n"), profile=profile,
+               settings=dataclasses.asdict(settings), environment=host_facts())
+    if base.torch_accuracy is not None and base.accuracy is not None:
+        base.deploy_delta = base.accuracy - base.torch_accuracy
+    if name is None:
+        note = (f"the bundle has no FPGA estimate for profile {profile}" if profile else "the bundle has no FPGA estimate")
+        return [dataclasses.replace(base, status="skipped", batch_size=b, note=note) for b in settings.batch_sizes]
+    est = estimates[name]
+    rows = []
+    for batch in settings.batch_sizes:
+        row = dataclasses.replace(base, batch_size=batch, estimate=dict(est, profile=name),
+                                  note=f"estimated for {name}: {est.get('method', 'heuristic')}")
+        if est.get("throughput_ips"):
+            ms = batch / est["throughput_ips"] * 1e3
+            row.latency_ms = {k: ms for k in ("min", "mean", "p50", "p90", "p95", "p99")} | {"std": 0.0}
+            row.throughput_ips = est["throughput_ips"]
+        rows.append(row)
+    return rows
+
+
 def bench_bundle(path: Path, settings: BenchSettings, budgets: Budgets | None = None,
                  profile: str | None = None) -> list[Row]:
     """Rows for one bundle, one per batch size; any failure becomes an ``error`` row."""
@@ -469,6 +501,8 @@ def bench_bundle(path: Path, settings: BenchSettings, budgets: Budgets | None = 
     manifest = None
     try:
         manifest = read_manifest(path)
+        if manifest["backend"] == "qonnx":
+            return [apply_budgets(r, budgets) for r in _estimated_rows(load_bundle(path, manifest), settings, profile)]
         rows = _measure(load_bundle(path, manifest), settings, profile)
     except Exception as e:
         return [_error_row(path, e, manifest)]

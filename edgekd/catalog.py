@@ -176,6 +176,13 @@ BACKEND_OPTIONS: dict[str, dict[str, Option]] = {
             str, "level of the optimized model export saves in the bundle; the device session applies 'all' "
             "at load time (Q/DQ -> QLinearConv fusion happens at 'extended' or above)", ORT_LEVELS),
         "execution_provider": Option(str, "ONNX Runtime execution provider (default CPUExecutionProvider)"),
+        "x64_exact_int8": Option(bool, "store session.x64quantprecision=1 in the model: exact int8 accumulation "
+                                 "(U8U8 kernels) on x86 CPUs without VNNI, as ARM's dot-product kernels compute; "
+                                 "no effect on ARM"),
+        "ort_format": Option(bool, "also convert to ORT format (model.ort, what minimal/mobile ORT builds load); "
+                             "the bundle then runs model.ort"),
+        "ort_platform": Option(str, "platform the ORT format file is for (sets session.qdqisint8allowed)",
+                               ("arm64", "x86_64")),
     },
     "tensorrt": {
         "workspace_mb": Option(int, "builder workspace memory pool limit (MemoryPoolType.WORKSPACE)", lo=1),

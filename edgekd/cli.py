@@ -119,25 +119,59 @@ def train(data, arch, epochs, lr, batch_size, seed, out, quiet):
                f"({metrics['params']:,} parameters, {metrics['seconds']:.0f}s)")
 
 
+_METHODS_HELP = ("Distillation method (paper defaults; see README): hinton [default], kd, mse, dkd, tfkd, fitnet, "
+                 "at, rkd, fsp, or none (QAT only). Ignored with a --config recipe that lists [[loss]] terms.")
+
+
 @main.command()
 @_data_opt
 @click.option("--bits", default=8, show_default=True, type=int, help="Weight and activation bits (2..8).")
 @click.option("--weight-bits", type=int, help="Weight bits, overriding --bits.")
 @click.option("--act-bits", type=int, help="Activation bits, overriding --bits.")
-@click.option("--teacher", help="Teacher: an edgekd checkpoint file, or an architecture to train once and reuse "
-                                "[default: cnn-teacher].")
+@click.option("--teacher", multiple=True,
+              help="Teacher: an edgekd checkpoint file, or an architecture to train once and reuse "
+                   "[default: cnn-teacher]. Repeat for a multi-teacher ensemble.")
+@click.option("--teacher-weight", "teacher_weights", multiple=True, type=click.FloatRange(0),
+              help="Weight of each --teacher in the ensemble (repeat, same order) [default: equal].")
+@click.option("--teacher-mix", type=click.Choice(["probs", "logits"]), default="probs", show_default=True,
+              help="Ensemble: average the teachers' probabilities or their logits.")
 @click.option("--student", default="cnn-student", show_default=True,
               help="Student: a built-in name, torchvision:NAME or module:callable (must trace with torch.fx).")
 @click.option("--target", default="onnxruntime-cpu", show_default=True,
               help="Target whose quantizer conventions the student is trained with (name, alias or .toml).")
-@click.option("--method", default="hinton", show_default=True, help="Distillation method: hinton, or none (QAT only).")
-@click.option("--temperature", "-T", default=4.0, show_default=True, type=float, help="KD temperature T.")
-@click.option("--alpha", default=0.9, show_default=True, type=float, help="Weight of the KD term (1-alpha: labels).")
+@click.option("--method", default="hinton", show_default=True, help=_METHODS_HELP)
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="A hyper-parameter of --method, e.g. --param beta=8 for dkd, --param student=5 for fitnet "
+                   "(repeatable; values are TOML: 8, 0.5, \"5\", [\"5\",\"8\"]).")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.toml",
+              help="Recipe: [[loss]] terms with weights, and any distill option as a top-level key. Options "
+                   "given here that differ from their defaults override the file.")
+@click.option("--temperature", "-T", default=4.0, show_default=True, type=float, help="KD temperature T (hinton).")
+@click.option("--alpha", default=0.9, show_default=True, type=float,
+              help="Weight of the KD term, 1-alpha on labels (hinton).")
+@click.option("--scheme", default="offline", show_default=True,
+              type=click.Choice(["offline", "born-again", "dml", "assistant", "progressive"]),
+              help="offline: a fixed teacher; born-again: each generation taught by the previous student; dml: "
+                   "mutual learning with float peers; assistant: teacher -> assistant(s) -> student; progressive: "
+                   "bit schedule 8 -> 4 -> 2, each stage distilled from the last.")
+@click.option("--order", type=click.Choice(["joint", "float-first"]),
+              help="joint: KD and QAT together from the first step (no float phase); float-first: float KD for "
+                   "--float-epochs, then QAT with KD. [default: float-first if --float-epochs > 0, else joint]")
 @click.option("--epochs", default=8, show_default=True, type=click.IntRange(1), help="QAT epochs.")
 @click.option("--float-epochs", default=8, show_default=True, type=click.IntRange(0),
               help="Float KD epochs before QAT (0: QAT from scratch).")
 @click.option("--teacher-epochs", default=20, show_default=True, type=click.IntRange(1),
               help="Epochs when the teacher has to be trained first.")
+@click.option("--generations", default=2, show_default=True, type=click.IntRange(1), help="born-again generations.")
+@click.option("--peers", default=1, show_default=True, type=click.IntRange(1), help="dml: number of float peers.")
+@click.option("--assistant", "assistants", multiple=True, help="assistant: architecture(s) of the chain, in order "
+                                                                "[default: resnet-student].")
+@click.option("--assistant-epochs", type=click.IntRange(1), help="Epochs per assistant [default: float + QAT epochs].")
+@click.option("--bit-schedule", metavar="B,B,...", help="progressive: bits per stage, e.g. 8,4 "
+                                                          "[default: 8 -> 4 -> 2 down to --bits].")
+@click.option("--flip/--no-flip", default=None,
+              help="Random horizontal flips [default: the dataset's]. Off, the teacher's outputs are cached.")
+@click.option("--no-cache", is_flag=True, help="Run the teacher on every batch even when its outputs could be cached.")
 @click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Learning rate of the float phase (QAT uses lr/4 after a float phase).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
@@ -145,22 +179,72 @@ def train(data, arch, epochs, lr, batch_size, seed, out, quiet):
               help="Weight bits of the first and last layers, or 'same' to use --weight-bits.")
 @_seed_opt
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/NAME).")
+@click.option("--list-layers", is_flag=True, help="Print the layer names feature terms can use, and exit.")
 @_quiet_opt
-def distill(data, bits, weight_bits, act_bits, teacher, student, target, method, temperature, alpha, epochs,
-            float_epochs, teacher_epochs, lr, batch_size, first_last_bits, seed, out, quiet):
-    """Train a quantized student by knowledge distillation (Brevitas QAT at 2..8 bits)."""
+def distill(data, bits, weight_bits, act_bits, teacher, teacher_weights, teacher_mix, student, target, method, params,
+            config, temperature, alpha, scheme, order, epochs, float_epochs, teacher_epochs, generations, peers,
+            assistants, assistant_epochs, bit_schedule, flip, no_cache, lr, batch_size, first_last_bits, seed, out,
+            list_layers, quiet):
+    """Train a quantized student by knowledge distillation (Brevitas QAT at 2..8 bits).
+
+    \b
+    Examples:
+      edgekd distill --bits 4 --method dkd --param beta=8
+      edgekd distill --bits 4 --method fitnet --param 'student=["8"]' --param 'teacher=["5.relu"]'
+      edgekd distill --bits 2 --scheme progressive
+      edgekd distill --config recipe.toml
+    """
     from .api import DistillOptions, distill as run_distill
 
     w, a = _bits(bits, weight_bits, act_bits)
     flb = None if first_last_bits == "same" else _int_in(first_last_bits, "--first-last-bits")
-    opts = DistillOptions(data=data, teacher=teacher, student=student, weight_bits=w, act_bits=a, target=target,
-                          method=method, temperature=temperature, alpha=alpha, epochs=epochs,
-                          float_epochs=float_epochs, teacher_epochs=teacher_epochs, lr=lr, batch_size=batch_size,
-                          first_last_bits=flb, seed=seed, progress=not quiet)
+    teachers = list(teacher)
+    opts = DistillOptions(data=data, teacher=teachers[0] if len(teachers) == 1 else (teachers or None), student=student,
+                          weight_bits=w, act_bits=a, target=target, method=method, params=_params(params),
+                          config=str(config) if config else None, temperature=temperature, alpha=alpha,
+                          scheme=scheme, order=order, epochs=epochs, float_epochs=float_epochs,
+                          teacher_epochs=teacher_epochs, teacher_weights=list(teacher_weights) or None,
+                          teacher_mix=teacher_mix, generations=generations, peers=peers,
+                          assistants=list(assistants) or ["resnet-student"], assistant_epochs=assistant_epochs,
+                          bit_schedule=_bit_list(bit_schedule), flip=flip, cache=not no_cache, lr=lr,
+                          batch_size=batch_size, first_last_bits=flb, seed=seed, progress=not quiet)
+    if list_layers:
+        from .api import list_layers as layers
+
+        for role, rows in layers(opts).items():
+            click.echo(f"{role} layers:")
+            for r in rows:
+                click.echo(f"  {r['name']:<24} {r['type']:<20} {tuple(r['shape'])}")
+        return
     m = run_distill(opts, out=out, log=_logger(quiet))
     teacher_acc = f"{m['teacher_accuracy']:.4f}" if m["teacher_accuracy"] is not None else "-"
     click.echo(f"run: {m['run_dir']}  W{m['weight_bits']}A{m['act_bits']} student accuracy {m['student_accuracy']:.4f} "
                f"(fake-quant, PyTorch, test split)  teacher {teacher_acc}  {m['seconds']:.0f}s")
+
+
+def _params(items) -> dict:
+    """--param KEY=VALUE pairs; values parse as TOML (numbers, strings, lists), else stay strings."""
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EdgekdError(f"--param takes KEY=VALUE, got {item!r}", "e.g. --param beta=8")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _bit_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise EdgekdError(f"--bit-schedule takes comma-separated integers, got {text!r}", "e.g. --bit-schedule 8,4") from None
 
 
 def _int_in(text: str, option: str) -> int:
@@ -187,6 +271,29 @@ def export(run_dir, target, out, quiet):
                f"{p['top1_agreement']:.4f} on {p['n']} samples, max abs diff {p['max_abs_diff']:.3g}{fused}")
 
 # --- end core commands --------------------------------------------------------------------------
+
+# --- compile -------------------------------------------------------------------------------------
+@main.command("compile")
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--profile", metavar="NAME|FILE.toml",
+              help="Device profile: DLA cores and the batch sizes the engine's profile must cover.")
+@_quiet_opt
+def compile_command(bundle, profile, quiet):
+    """Build a bundle's TensorRT engine on this device (a Jetson or a machine with an NVIDIA GPU).
+
+    Runs where the engine will run: engines do not move between GPUs or TensorRT versions.
+    Needs TensorRT's Python bindings and cuda-python (pip install 'edgekd[tensorrt]'; on a
+    Jetson, TensorRT comes with JetPack), never torch. Checks the engine against the PyTorch
+    logits saved at export and updates the manifest (compiled: true, model_file: model.engine).
+    """
+    from .api import compile_bundle
+
+    m = compile_bundle(bundle, profile, log=_logger(quiet))
+    p, layers = m["engine_parity"], m["engine"]["layers"]
+    click.echo(f"engine: {Path(m['bundle_dir']) / m['model_file']}  TensorRT {m['engine']['trt_version']} on "
+               f"{m['engine']['device']}  int8 layers {len(layers['int8_layers'])}/{layers['layers']}  parity: top-1 "
+               f"agreement {p['top1_agreement']:.4f} on {p['n']} samples, max abs diff {p['max_abs_diff']:.3g}")
+# --- end compile -----------------------------------------------------------------------------------
 
 # --- bench ----------------------------------------------------------------------------------------
 @main.command("bench")
@@ -243,6 +350,76 @@ def bench_command(bundles, profile, json_path, csv_path, markdown_path, plot_pat
         click.echo(f"wrote {report.plot(rows, plot_path, prof.budgets if prof else None)}", err=True)
     click.get_current_context().exit(bench_core.exit_code(rows, strict))
 # --- end bench ------------------------------------------------------------------------------------
+
+# --- sweep ----------------------------------------------------------------------------------------
+def _sweep_ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=option) from None
+    if not values:
+        raise click.BadParameter("give at least one value", param_hint=option)
+    return values
+
+
+def _sweep_columns():
+    from .report import Column
+
+    return (Column("pareto", lambda r: "*" if r.get("pareto") else "", numeric=False),
+            Column("best", lambda r: "<-" if r.get("best") else "", numeric=False))
+
+
+@main.command("sweep")
+@_data_opt
+@click.option("--bits", default="8,4,2", show_default=True, help="Bit widths to sweep (weights and activations).")
+@click.option("--methods", default="hinton", show_default=True, help="Distillation methods to sweep (hinton, none).")
+@click.option("--target", default="onnxruntime-cpu", show_default=True, help="Target name, alias or .toml file.")
+@click.option("--profile", metavar="NAME|FILE.toml", help="Device profile: bench settings and budgets.")
+@click.option("--teacher", help="Teacher checkpoint file or architecture [default: cnn-teacher].")
+@click.option("--student", default="cnn-student", show_default=True, help="Student architecture.")
+@click.option("--epochs", default=8, show_default=True, type=click.IntRange(1), help="QAT epochs per cell.")
+@click.option("--float-epochs", default=8, show_default=True, type=click.IntRange(0), help="Float KD epochs first.")
+@click.option("--teacher-epochs", default=20, show_default=True, type=click.IntRange(1),
+              help="Epochs when the teacher has to be trained first (once, shared by the cells).")
+@_seed_opt
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Sweep root (default runs/sweeps/DATA-STUDENT-TARGET); re-running resumes it.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write the rows as JSON (bench rows plus cell, method, pareto, best).")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write the table and the summary as GitHub Markdown.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+              help="Plot accuracy vs p50 latency with the Pareto set (needs: pip install 'edgekd[plot]').")
+@_quiet_opt
+def sweep_command(data, bits, methods, target, profile, teacher, student, epochs, float_epochs, teacher_epochs,
+                  seed, out, json_path, markdown_path, plot_path, quiet):
+    """Distill, export and bench each bit width (and method), then show the Pareto set.
+
+    Finished stages of a cell (run dir, bundle, bench rows under the sweep root) are reused, so
+    re-running the same command resumes. A failing cell becomes an error row; the rest go on.
+    Prints one table (with pareto and best marks), the Pareto set at the first batch size, and
+    the configuration with the best accuracy among those that meet every budget of --profile.
+    """
+    from . import report
+    from .sweep import SweepOptions, run_sweep, summary
+
+    if plot_path:
+        report.check_plot_available()
+    opts = SweepOptions(bits=_sweep_ints(bits, "--bits"), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                        data=data, target=target, student=student, teacher=teacher, epochs=epochs,
+                        float_epochs=float_epochs, teacher_epochs=teacher_epochs, seed=seed, profile=profile,
+                        root=out, progress=not quiet)
+    result = run_sweep(opts, log=_logger(quiet))
+    cols, footer = _sweep_columns(), summary(result)
+    click.echo(report.render_table(result.rows, cols, footer), nl=False)
+    for path in report.write_outputs(result.rows, json_path, None, markdown_path, cols, footer):
+        click.echo(f"wrote {path}", err=True)
+    if plot_path:
+        front_rows = [r for r in result.rows if r.get("batch_size") == result.batch_size]
+        title = f"edgekd sweep: {data}, {result.rows[0].get('target') or target} (marker area ~ size)"
+        click.echo(f"wrote {report.plot(front_rows, plot_path, result.budgets, title=title, front=result.pareto)}",
+                   err=True)
+# --- end sweep ------------------------------------------------------------------------------------
 
 # --- catalog (targets, profiles, check) -----------------------------------------------------------
 

@@ -118,15 +118,31 @@ def _torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
-    """Replace the first Conv2d (which expects RGB) by one with ``in_channels`` inputs."""
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d):
-                conv = nn.Conv2d(in_channels, child.out_channels, child.kernel_size, child.stride,
-                                 child.padding, child.dilation, child.groups if child.groups == 1 else in_channels,
-                                 child.bias is not None)
-                setattr(parent, name, conv)
-                return
+    """Replace the first Conv2d in forward order (which expects RGB) by one with ``in_channels``
+    inputs, its weights derived from the RGB ones (timm's ``adapt_input_conv``: summed over the
+    colour channels for one input channel, repeated and rescaled otherwise).
+
+    "First" is the first Conv2d in definition order (``named_modules``, depth first), which is the
+    stem of every torchvision classifier; a breadth-first search would pick a later convolution
+    that happens to sit higher in the module tree.
+    """
+    name, child = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
+    if child is None:
+        return
+    groups = 1 if child.groups == 1 else in_channels
+    conv = nn.Conv2d(in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                     child.dilation, groups, child.bias is not None, child.padding_mode)
+    with torch.no_grad():
+        w = child.weight
+        if groups == 1 and in_channels == 1:
+            conv.weight.copy_(w.sum(1, keepdim=True))
+        elif groups == 1:
+            reps = -(-in_channels // w.shape[1])
+            conv.weight.copy_(w.repeat(1, reps, 1, 1)[:, :in_channels] * (w.shape[1] / in_channels))
+        if child.bias is not None:
+            conv.bias.copy_(child.bias)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, conv)
 
 
 def _from_callable(spec: str, num_classes: int, in_channels: int) -> nn.Module:

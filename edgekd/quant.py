@@ -84,6 +84,8 @@ def trace(model: nn.Module):
             return out
 
     tracer = _Tracer()
+    was_training = model.training
+    model.eval()  # trace the inference graph: train-only branches (stochastic depth) drop out
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -94,7 +96,31 @@ def trace(model: nn.Module):
         raise EdgekdError(f"the student does not trace with torch.fx at module '{where}': {reason}",
                           "remove data-dependent control flow from that module's forward, or choose "
                           "another --student") from None
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    finally:
+        model.train(was_training)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.train(was_training)
+    return gm
+
+
+def _float_method(value, method: str, *args, **kwargs):
+    """``value.method(*args, **kwargs)`` on the float value of a QuantTensor (or a plain tensor)."""
+    return getattr(getattr(value, "value", value), method)(*args, **kwargs)
+
+
+def _float_methods(gm) -> None:
+    """Tensor methods that Brevitas's QuantTensor lacks (``x.chunk`` in ShuffleNet's channel split,
+    ``x.split``...) are called on the dequantized value instead; the next quantizer requantizes."""
+    from brevitas.quant_tensor import IntQuantTensor
+
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and not hasattr(IntQuantTensor, node.target) and hasattr(torch.Tensor, node.target):
+            node.op, node.args = "call_function", (node.args[0], node.target, *node.args[1:])
+            node.target = _float_method
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 # ---- quantizer maps ---------------------------------------------------------------------------------
@@ -185,6 +211,7 @@ def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
 
     gm = trace(copy.deepcopy(model))
     gm = preprocess_for_quantize(gm, trace_model=False, merge_bn=True)
+    _float_methods(gm)
     first_last = _first_last(gm) if spec.first_last_bits else set()
     compute, acts, identity = _maps(spec, first_last)
     input_quant = (identity["signed"][0], {**identity["signed"][1],
@@ -210,6 +237,7 @@ def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
     finally:
         config.IGNORE_MISSING_KEYS = ignore
     gm.train(was_training)
+    gm.edgekd_spec = spec  # read by export (qdq: which integer type activations are stored in)
     return gm
 
 

@@ -58,6 +58,17 @@ def _percent(value) -> str:
     return _num(None if value is None else 100 * value, ".2f")
 
 
+def _pp(row: dict, after: str, before: str) -> str:
+    """Percentage points gained (+) or lost (-) between two accuracies of the row, '-' if unknown."""
+    a, b = row.get(after), row.get(before)
+    return "-" if a is None or b is None else f"{100 * (a - b):+.2f}"
+
+
+ACCURACY_LEGEND = ("accuracy: teacher (float, PyTorch) -> float (student after KD) -> torch (fake-quant, PyTorch) "
+                   "-> acc (runtime); KD pp = float - teacher, quant pp = torch - float, deploy pp = acc - torch")
+_PATH_KEYS = ("teacher_accuracy", "student_float_accuracy", "torch_accuracy")
+
+
 def budget_label(row: dict) -> str:
     """'pass', 'fail: <budgets over the limit>', or '-' when no profile budget applied."""
     budget = row.get("budget")
@@ -81,9 +92,13 @@ COLUMNS: tuple[Column, ...] = (
     Column("bits", bits_label, numeric=False),
     Column("batch", lambda r: _num(r.get("batch_size"), "d")),
     Column("size MB", lambda r: _sig(r.get("size_mb"))),
-    Column("acc %", lambda r: _percent(r.get("accuracy"))),
+    Column("teacher %", lambda r: _percent(r.get("teacher_accuracy"))),
+    Column("float %", lambda r: _percent(r.get("student_float_accuracy"))),
     Column("torch %", lambda r: _percent(r.get("torch_accuracy"))),
-    Column("delta pp", lambda r: _num(None if r.get("deploy_delta") is None else 100 * r["deploy_delta"], "+.2f")),
+    Column("acc %", lambda r: _percent(r.get("accuracy"))),
+    Column("KD pp", lambda r: _pp(r, "student_float_accuracy", "teacher_accuracy")),
+    Column("quant pp", lambda r: _pp(r, "torch_accuracy", "student_float_accuracy")),
+    Column("deploy pp", lambda r: _pp(r, "accuracy", "torch_accuracy")),
     Column("p50 ms", lambda r: _latency(r, "p50")),
     Column("p90 ms", lambda r: _latency(r, "p90")),
     Column("p99 ms", lambda r: _latency(r, "p99")),
@@ -94,15 +109,18 @@ COLUMNS: tuple[Column, ...] = (
 SOURCE_COLUMN = Column("source", lambda r: str(r.get("source")), numeric=False)
 
 
-def columns_for(rows: list[dict]) -> tuple[Column, ...]:
-    """COLUMNS, plus a source column when estimated rows sit next to measured ones."""
+def columns_for(rows: list[dict], extra: Sequence[Column] = ()) -> tuple[Column, ...]:
+    """COLUMNS, plus a source column when estimated rows sit next to measured ones, plus the
+    caller's ``extra`` columns (e.g. the sweep's) right after the bundle name."""
+    cols = COLUMNS[:1] + tuple(extra) + COLUMNS[1:]
     if any(r.get("source") != "measured" for r in rows):
-        return COLUMNS[:2] + (SOURCE_COLUMN,) + COLUMNS[2:]
-    return COLUMNS
+        at = 2 + len(extra)
+        return cols[:at] + (SOURCE_COLUMN,) + cols[at:]
+    return cols
 
 
-def _cells(rows: list[dict]) -> tuple[tuple[Column, ...], list[list[str]]]:
-    cols = columns_for(rows)
+def _cells(rows: list[dict], extra: Sequence[Column] = ()) -> tuple[tuple[Column, ...], list[list[str]]]:
+    cols = columns_for(rows, extra)
     return cols, [[c.cell(r) for c in cols] for r in rows]
 
 
@@ -120,6 +138,8 @@ def notes(rows: Sequence[Any]) -> list[str]:
             lines.append(f"{where}: {r['status']}: {r['note']}")
         elif r.get("status") == "fail":
             lines.append(f"{where}: fail: {over_budget(r)}")
+    if any(r.get(k) is not None for r in rows for k in _PATH_KEYS):
+        lines.append(ACCURACY_LEGEND)
     lines.extend(environment_lines(rows))
     return lines
 
@@ -159,32 +179,32 @@ def environment_lines(rows: list[dict]) -> list[str]:
 
 # --- renderers -------------------------------------------------------------------------------------------
 
-def render_table(rows: Sequence[Any]) -> str:
-    """A plain-text table (numbers right-aligned) followed by the notes."""
-    cols, body = _cells(records(rows))
+def render_table(rows: Sequence[Any], extra: Sequence[Column] = (), footer: Sequence[str] = ()) -> str:
+    """A plain-text table (numbers right-aligned) followed by the notes and ``footer`` lines."""
+    cols, body = _cells(records(rows), extra)
     widths = [max([len(c.header)] + [len(line[i]) for line in body]) for i, c in enumerate(cols)]
 
     def fmt(cells):
         return "  ".join(s.rjust(w) if c.numeric else s.ljust(w) for c, s, w in zip(cols, cells, widths)).rstrip()
 
     lines = [fmt([c.header for c in cols]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in body]
-    extra = notes(rows)
-    return "\n".join(lines + ([""] + extra if extra else [])) + "\n"
+    below = list(footer) + notes(rows)
+    return "\n".join(lines + ([""] + below if below else [])) + "\n"
 
 
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(rows: Sequence[Any]) -> str:
-    """A GitHub-flavoured Markdown table, then the notes as a bullet list."""
-    cols, body = _cells(records(rows))
+def render_markdown(rows: Sequence[Any], extra: Sequence[Column] = (), footer: Sequence[str] = ()) -> str:
+    """A GitHub-flavoured Markdown table, then ``footer`` and the notes as a bullet list."""
+    cols, body = _cells(records(rows), extra)
     lines = ["| " + " | ".join(c.header for c in cols) + " |",
              "|" + "|".join("---:" if c.numeric else ":---" for c in cols) + "|"]
     lines += ["| " + " | ".join(_md_escape(s) for s in line) + " |" for line in body]
-    extra = notes(rows)
-    if extra:
-        lines += [""] + [f"- {_md_escape(n)}" for n in extra]
+    below = list(footer) + notes(rows)
+    if below:
+        lines += [""] + [f"- {_md_escape(n)}" for n in below]
     return "\n".join(lines) + "\n"
 
 
@@ -216,8 +236,10 @@ def render_csv(rows: Sequence[Any]) -> str:
     return out.getvalue()
 
 
-def write_outputs(rows: Sequence[Any], json_path=None, csv_path=None, markdown_path=None) -> list[Path]:
-    """Write each requested file atomically; return the paths written."""
+def write_outputs(rows: Sequence[Any], json_path=None, csv_path=None, markdown_path=None,
+                  extra: Sequence[Column] = (), footer: Sequence[str] = ()) -> list[Path]:
+    """Write each requested file atomically; return the paths written (``extra`` columns and
+    ``footer`` lines go to the Markdown table, as in ``render_markdown``)."""
     written = []
     if json_path:
         write_json(json_path, records(rows))
@@ -226,7 +248,7 @@ def write_outputs(rows: Sequence[Any], json_path=None, csv_path=None, markdown_p
         write_text(csv_path, render_csv(rows))
         written.append(Path(csv_path))
     if markdown_path:
-        write_text(markdown_path, render_markdown(rows))
+        write_text(markdown_path, render_markdown(rows, extra, footer))
         written.append(Path(markdown_path))
     return written
 
@@ -255,9 +277,19 @@ def _budget_lines(ax, budgets) -> None:
                    label=f"accuracy budget: >= {budgets.min_accuracy:g}")
 
 
-def plot(rows: Sequence[Any], path, budgets=None) -> Path:
+def _front_line(ax, front) -> None:
+    points = [((r.get("latency_ms") or {}).get("p50"), r.get("accuracy")) for r in records(front or ())]
+    points = sorted(p for p in points if None not in p)
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], color="0.4", linewidth=1, zorder=0,
+                label="Pareto set (accuracy, latency, size)")
+
+
+def plot(rows: Sequence[Any], path, budgets=None, title: str | None = None, front: Sequence[Any] | None = None) -> Path:
     """Accuracy (runtime) vs p50 latency per call, one marker per measured row, marker area
-    growing with model size (see ``_marker_area``), dashed lines at the profile's budgets.
+    growing with model size (see ``_marker_area``), dashed lines at the profile's budgets, and a
+    grey line through the ``front`` rows (a sweep's Pareto set) when given; each marker is
+    labelled with its bits, and the latency axis is logarithmic when values span over 20x.
     Circles are measured rows, triangles estimated ones. Written atomically as PNG."""
     check_plot_available()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -266,6 +298,7 @@ def plot(rows: Sequence[Any], path, budgets=None) -> Path:
     fig = Figure(figsize=(7, 5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    xs: list[float] = []
     for r in records(rows):
         p50, acc = (r.get("latency_ms") or {}).get("p50"), r.get("accuracy")
         if p50 is None or acc is None:
@@ -273,10 +306,17 @@ def plot(rows: Sequence[Any], path, budgets=None) -> Path:
         label = f"{r['bundle']} b{r.get('batch_size')} ({bits_label(r)}, {_sig(r.get('size_mb'))} MB)"
         ax.scatter([p50], [acc], s=_marker_area(r.get("size_mb")), alpha=0.7, label=label,
                    marker="^" if r.get("source") == "estimated" else "o")
+        ax.annotate(bits_label(r), (p50, acc), textcoords="offset points", xytext=(6, 6), fontsize="small")
+        xs.append(p50)
     _budget_lines(ax, budgets)
+    _front_line(ax, front)
+    if budgets is not None and budgets.latency_ms is not None:
+        xs.append(budgets.latency_ms)
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 20:  # e.g. 0.05 ms models next to a 5 ms budget
+        ax.set_xscale("log")
     ax.set_xlabel("p50 latency per call (ms)")
     ax.set_ylabel("top-1 accuracy through the runtime")
-    ax.set_title("edgekd bench: accuracy vs latency (marker area ~ model size)")
+    ax.set_title(title or "edgekd bench: accuracy vs latency (marker area ~ model size)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     with atomic_path(path) as tmp:

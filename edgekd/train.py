@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .data import Dataset, Split
@@ -31,6 +32,7 @@ class FitConfig:
     flip: bool = False  # random horizontal flips of training images
     progress: bool = True
     desc: str = "train"
+    log: Callable[[str], None] | None = None  # info lines (e.g. why the teacher cache is off)
 
 
 @dataclass
@@ -82,60 +84,198 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+Log = Callable[[str], None]
+
+
+# ---- teacher-output cache ------------------------------------------------------------------------
+
+class TeacherCache:
+    """The teacher's logits (and the features the objective names) for every training sample,
+    computed once in eval mode and stored in float16, indexed by sample index."""
+
+    def __init__(self, logits: torch.Tensor, feats: dict[str, torch.Tensor]):
+        self.logits, self.feats = logits, feats
+
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return self.logits[idx].float(), {k: v[idx].float() for k, v in self.feats.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.logits, *self.feats.values()))
+
+
+def cache_off_reason(flip: bool, teacher, layers=(), x: torch.Tensor | None = None,
+                     limit_mb: float = 2048) -> str | None:
+    """Why the teacher's outputs cannot be cached, or None when they can."""
+    from .features import run_order
+
+    if teacher is None:
+        return "no teacher"
+    if flip:
+        return ("random flip augmentation changes the teacher's inputs every epoch; the teacher runs on every batch "
+                "(pass --no-flip to cache its outputs)")
+    if x is not None and layers:
+        shapes = {n: s for n, _, s in run_order(teacher, x[:2])}
+        mb = len(x) * 2 * sum(math.prod(shapes[n]) for n in layers if n in shapes) / 2**20
+        if mb > limit_mb:
+            return f"the teacher features would take {mb:.0f} MB in float16 (limit {limit_mb:.0f} MB)"
+    return None
+
+
+@torch.no_grad()
+def build_teacher_cache(teacher: nn.Module, x: torch.Tensor, layers=(), batch_size: int = 512) -> TeacherCache:
+    from .features import LOGITS, FeatureHooks
+
+    teacher.eval()
+    logits, feats = [], {n: [] for n in layers if n != LOGITS}
+    with FeatureHooks(teacher, layers, "teacher") as hooks:
+        for i in range(0, len(x), batch_size):
+            logits.append(teacher(x[i: i + batch_size]).half())
+            for k, v in hooks.take().items():
+                feats[k].append(v.half())
+    return TeacherCache(torch.cat(logits), {k: torch.cat(v) for k, v in feats.items()})
+
+
+def teacher_cache(teacher, x: torch.Tensor, flip: bool, layers=(), log: Log | None = None) -> TeacherCache | None:
+    """A cache when the input pipeline is deterministic; otherwise None, and a log line says why."""
+    reason = cache_off_reason(flip, teacher, layers, x)
+    if reason:
+        if log and teacher is not None:
+            log(f"teacher cache off: {reason}")
+        return None
+    start = time.perf_counter()
+    cache = build_teacher_cache(teacher, x, layers)
+    if log:
+        log(f"teacher cache: {len(x)} samples, {1 + len(cache.feats)} tensors, {cache.nbytes / 2**20:.1f} MB float16, "
+            f"built in {time.perf_counter() - start:.1f}s")
+    return cache
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+def _call_loss(loss_fn, logits, t_logits, labels, feats):
+    """New-style objectives take the captured features; plain (s, t, y) callables still work."""
+    if getattr(loss_fn, "wants_layers", False) or isinstance(loss_fn, _objective_types()):
+        return loss_fn(logits, t_logits, labels, feats)
+    return loss_fn(logits, t_logits, labels)
+
+
+def _objective_types():
+    from .losses import Objective, Term
+
+    return (Objective, Term)
+
+
+def _mutual_loss(peer_logits: list[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """DML (Zhang et al. 2018) for the peers: CE + KL(mean of the other networks || peer) at T=1."""
+    from .losses import kd_divergence
+
+    everyone = [logits.detach()] + [p.detach() for p in peer_logits]
+    loss = 0.0
+    for i, p in enumerate(peer_logits):
+        others = torch.stack([e for j, e in enumerate(everyone) if j != i + 1]).mean(0)
+        loss = loss + F.cross_entropy(p, labels) + kd_divergence(p, others, 1.0)
+    return loss
+
+
+def _setup_objective(loss_fn, model, teacher, x) -> None:
+    if getattr(loss_fn, "needs_setup", False):
+        from .features import Probe
+
+        loss_fn.setup(Probe(model, teacher, x[: min(len(x), 8)]))
 
 
 def fit(model: nn.Module, data: Dataset, cfg: FitConfig, loss_fn: LossFn,
-        teacher: nn.Module | None = None, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
-    """Train ``model`` with ``loss_fn(student_logits, teacher_logits, labels)``; keep the best state."""
+        teacher: nn.Module | None = None, on_epoch: Callable[[dict], None] | None = None, *,
+        peers: list[nn.Module] | None = None, cache: TeacherCache | bool | None = None) -> FitResult:
+    """Train ``model`` with ``loss_fn(student_logits, teacher_logits, labels[, feats])``; keep the best state.
+
+    ``loss_fn`` is a losses.Objective (or any callable of the three tensors). Its learned adapters
+    are trained with the model. ``peers`` are trained alongside (online mutual learning): the
+    model's "teacher logits" are then the peers' mean output. ``cache``: a TeacherCache to reuse,
+    True/None to build one when the pipeline is deterministic (``cfg.flip`` off), False for none.
+    """
     from tqdm import tqdm
+
+    from .features import LOGITS, FeatureHooks, Feats
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     x, y = as_tensors(data.train)
     steps = math.ceil(len(x) / cfg.batch_size)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15)
+    peers = list(peers or [])
     if teacher is not None:
         teacher.eval()
+    _setup_objective(loss_fn, model, teacher, x)
+    s_layers, t_layers = getattr(loss_fn, "student_layers", ()), getattr(loss_fn, "teacher_layers", ())
+    if cache is None or cache is True:
+        cache = teacher_cache(teacher, x, cfg.flip, t_layers, cfg.log)
+    groups = _param_groups(model, cfg.weight_decay) + [g for p in peers for g in _param_groups(p, cfg.weight_decay)]
+    extra = list(getattr(loss_fn, "parameters", lambda: [])())
+    groups += [{"params": extra, "weight_decay": 0.0}] if extra else []
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15)
+    s_hooks = FeatureHooks(model, s_layers, "student")
+    t_hooks = FeatureHooks(teacher if not cache else None, t_layers, "teacher")
     best, best_state, history, start = -1.0, None, [], time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        bar = tqdm(total=steps, desc=f"{cfg.desc} {epoch}/{cfg.epochs}", disable=not cfg.progress or not sys.stderr.isatty(),
-                   leave=False, dynamic_ncols=True)
-        seen = correct = 0
-        loss_sum = 0.0
-        for idx in _batches(len(x), cfg.batch_size, gen):
-            xb, yb = x[idx], y[idx]
-            if cfg.flip:
-                xb = _augment(xb, gen)
-            with torch.no_grad():
-                t_logits = teacher(xb) if teacher is not None else None
-            logits = model(xb)
-            loss, parts = loss_fn(logits, t_logits, yb)
-            if not torch.isfinite(loss):
-                from .errors import EdgekdError
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            for p in peers:
+                p.train()
+            bar = tqdm(total=steps, desc=f"{cfg.desc} {epoch}/{cfg.epochs}", disable=not cfg.progress or not sys.stderr.isatty(),
+                       leave=False, dynamic_ncols=True)
+            seen = correct = 0
+            loss_sum = 0.0
+            for idx in _batches(len(x), cfg.batch_size, gen):
+                xb, yb = x[idx], y[idx]
+                if cfg.flip:
+                    xb = _augment(xb, gen)
+                feats = Feats()
+                if cache:
+                    t_logits, feats.teacher = cache.get(idx)
+                elif teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(xb)
+                    feats.teacher = t_hooks.take()
+                else:
+                    t_logits = None
+                logits = model(xb)
+                feats.student = s_hooks.take()
+                peer_logits = [p(xb) for p in peers]
+                if peers:
+                    t_logits = torch.stack(peer_logits).mean(0).detach()
+                feats.student[LOGITS], feats.teacher[LOGITS] = logits, t_logits
+                loss, parts = _call_loss(loss_fn, logits, t_logits, yb, feats)
+                if peers:
+                    loss = loss + _mutual_loss(peer_logits, logits, yb)
+                if not torch.isfinite(loss):
+                    from .errors import EdgekdError
 
-                raise EdgekdError(f"the loss became {loss.item()} at epoch {epoch}",
-                                  "lower --lr; the last good checkpoint is kept")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            loss_sum += loss.item() * len(yb)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-            bar.update()
-        bar.close()
-        val = accuracy(model, data.val)
-        row = {"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": correct / seen, "val_accuracy": val,
-               "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - start}
-        history.append(row)
-        if val > best:
-            best, best_state = val, copy.deepcopy(model.state_dict())
-            row["best"] = True
-        if on_epoch:
-            on_epoch(row)
+                    raise EdgekdError(f"the loss became {loss.item()} at epoch {epoch}",
+                                      "lower --lr; the last good checkpoint is kept")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                seen += len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+                loss_sum += loss.item() * len(yb)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+                bar.update()
+            bar.close()
+            val = accuracy(model, data.val)
+            row = {"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": correct / seen, "val_accuracy": val,
+                   "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - start}
+            history.append(row)
+            if val > best:
+                best, best_state = val, copy.deepcopy(model.state_dict())
+                row["best"] = True
+            if on_epoch:
+                on_epoch(row)
+    finally:
+        s_hooks.remove()
+        t_hooks.remove()
     model.load_state_dict(best_state)
     best_epoch = max(history, key=lambda r: r["val_accuracy"])["epoch"]
     return FitResult(best, best_epoch, history, time.perf_counter() - start)

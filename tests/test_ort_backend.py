@@ -199,7 +199,7 @@ def test_optional_host_facts_read_when_present(monkeypatch, tmp_path):
 # --- registry -----------------------------------------------------------------------------------------
 
 def test_registry_maps_onnxruntime_to_runner(tmp_path):
-    assert backends.BACKENDS.names() == ["onnxruntime"]
+    assert sorted(backends.BACKENDS.names()) == ["onnxruntime", "qonnx", "tensorrt"]
     runner = backends.get_runner("onnxruntime")
     assert runner is ortb.RUNNER and runner.name == "onnxruntime"
     path, w, b = gemm_model(tmp_path / "m.onnx")

@@ -7,8 +7,9 @@ through the ``Runner`` protocol below, so a new runtime plugs in by writing one 
 Backend modules are imported lazily, when a bundle asks for them: ``edgekd bench`` on a
 Raspberry Pi imports onnxruntime and nothing heavier, and a backend whose package is not
 installed fails with a one-line ``pip install 'edgekd[EXTRA]'`` hint instead of an ImportError.
-Only ``onnxruntime`` is registered today; ``tensorrt`` and ``qonnx`` register the same way
-once their modules exist.
+Registered: ``onnxruntime`` (CPU int8; needs onnxruntime), ``tensorrt`` (engines built and run
+on the device; needs tensorrt + cuda-python, imported when an engine is built or loaded) and
+``qonnx`` (FPGA: qonnx's reference executor, rule checks and a resource estimate; needs qonnx).
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def register_backend(spec: BackendSpec) -> None:
 
 register_backend(BackendSpec("onnxruntime", "edgekd.backends.onnxruntime", "onnxruntime", "device",
                              "running an ONNX Runtime bundle"))
+register_backend(BackendSpec("tensorrt", "edgekd.backends.tensorrt", "tensorrt", "tensorrt",
+                             "building or running a TensorRT engine"))
+register_backend(BackendSpec("qonnx", "edgekd.backends.qonnx", "qonnx", "qonnx",
+                             "executing and checking a QONNX (FPGA) bundle"))
 
 
 def get_runner(name: str) -> Runner:

@@ -61,13 +61,76 @@ def _options(threads: int, level: str) -> ort.SessionOptions:
     return so
 
 
-def _session(model_path: Path, so: ort.SessionOptions, providers: Sequence[str] | None) -> ort.InferenceSession:
+# Session config entries a bundle asks for are stored in the model's metadata under this key
+# (a JSON object), so that every session that loads the file (export's parity check, bench on the
+# device) applies them without extra settings. See ``with_session_config``.
+SESSION_CONFIG_KEY = "edgekd.session_config"
+# ORT session config keys (onnxruntime_session_options_config_keys.h):
+# - x64quantprecision "1": on x86-64 with AVX2/AVX-512 but no VNNI, use U8U8 int8 GEMM kernels
+#   instead of U8S8 ones whose int16 pair sums (vpmaddubsw) saturate; "only effective with AVX2 or
+#   AVX512 platforms", a no-op on ARM. The result is exact int32 accumulation, which is what ARM's
+#   dot-product kernels compute, so an x86 host can validate an ARM bundle's 8-bit weights exactly.
+#   It does NOT emulate ARM's kernels, their speed or their threading: ORT has no such mode.
+# - qdqisint8allowed: "only when exporting an ORT format model for use on a different platform";
+#   "1" for ARM targets (S8 Q/DQ groups may be fused there), "0" for others.
+# - minimal_build_optimizations "save": keep the Q/DQ fusions as runtime optimizations in an ORT
+#   format file, so that a minimal ORT build on the device can still apply them.
+X64_EXACT_INT8 = {"session.x64quantprecision": "1"}
+
+
+def session_config(model_path) -> dict:
+    """The session config entries stored in ``model_path`` (``{}`` when none)."""
+    import json
+
+    import sys
+
+    path = Path(model_path)
+    meta = None
+    if path.suffix != ".ort" and "onnx" in sys.modules:  # export: onnx is loaded anyway
+        onnx = sys.modules["onnx"]
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if meta is None:  # bench (onnx is never imported there) and .ort files: one unoptimized ORT load
+        peek = ort.InferenceSession(str(path), sess_options=_options(1, "disabled"), providers=["CPUExecutionProvider"])
+        meta = dict(peek.get_modelmeta().custom_metadata_map)
+    raw = meta.get(SESSION_CONFIG_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def with_session_config(model_path, entries: dict) -> Path:
+    """Store session config ``entries`` in the metadata of the ONNX file ``model_path`` (in place)."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(model_path))
+    kept = [p for p in model.metadata_props if p.key != SESSION_CONFIG_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if entries:
+        onnx.helper.set_model_props(model, {**{p.key: p.value for p in kept},
+                                            SESSION_CONFIG_KEY: json.dumps(entries, sort_keys=True)})
+    with atomic_path(Path(model_path)) as tmp:
+        onnx.save(model, str(tmp))
+    return Path(model_path)
+
+
+def _session(model_path: Path, so: ort.SessionOptions, providers: Sequence[str] | None,
+             config: dict | None = None) -> ort.InferenceSession:
     model_path = Path(model_path)
     if not model_path.is_file():
         raise MissingFileError(f"model file not found: {model_path}")
+    if config is None:
+        try:
+            config = session_config(model_path)
+        except Exception:  # unreadable file: the session below reports it as the user error it is
+            config = {}
+    for key, value in config.items():
+        so.add_session_config_entry(key, str(value))
     chosen = select_providers(providers)
     try:
-        return ort.InferenceSession(str(model_path), sess_options=so, providers=chosen)
+        session = ort.InferenceSession(str(model_path), sess_options=so, providers=chosen)
+        session._edgekd_config = dict(config)
+        return session
     except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, InvalidGraph...)
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgekdError(f"ONNX Runtime cannot load {model_path}: {detail}",
@@ -81,7 +144,8 @@ def make_session(model_path, threads: int = 0, providers: Sequence[str] | None =
     return _session(Path(model_path), _options(threads, level), providers)
 
 
-def optimize(model_path, out_path, level: str = "basic", providers: Sequence[str] | None = None) -> Path:
+def optimize(model_path, out_path, level: str = "basic", providers: Sequence[str] | None = None,
+             config: dict | None = None) -> Path:
     """Save ORT's optimized graph of ``model_path`` to ``out_path`` (``.ort`` suffix: ORT format).
 
     Levels (ONNX Runtime's graph optimization levels):
@@ -94,14 +158,29 @@ def optimize(model_path, out_path, level: str = "basic", providers: Sequence[str
     - ``all``: adds layout rewrites (NCHWc blocking) tuned to this CPU's vector width; the file is
       specific to this machine's hardware and should not be copied to a different device.
     The session that bench creates applies ``all`` itself at load time, on the device.
+    ``config``: extra session config entries for the saving session (e.g. ORT format keys).
     """
     so = _options(0, level)
     out_path = Path(out_path)
     so.add_session_config_entry("session.save_model_format", "ORT" if out_path.suffix == ".ort" else "ONNX")
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, str(value))
     with atomic_path(out_path) as tmp:
         so.optimized_model_filepath = str(tmp)
-        _session(Path(model_path), so, providers)
+        _session(Path(model_path), so, providers, config={})
     return out_path
+
+
+def to_ort_format(model_path, out_path, platform: str = "arm64", level: str = "basic") -> Path:
+    """Convert ``model_path`` to an ORT format file (``.ort``, flatbuffer; loads faster and is what
+    minimal/mobile ORT builds read), as onnxruntime.tools.convert_onnx_models_to_ort does with
+    ``--optimization_style Runtime``: ``level`` optimizations applied now, the Q/DQ fusions kept as
+    runtime optimizations for the device, ``qdqisint8allowed`` set for ``platform``."""
+    if platform not in ("arm64", "x86_64"):
+        raise EdgekdError(f"unknown ORT format platform {platform!r}", "choose arm64 or x86_64")
+    config = {"optimization.minimal_build_optimizations": "save",
+              "session.qdqisint8allowed": "1" if platform == "arm64" else "0"}
+    return optimize(model_path, out_path, level=level, config=config)
 
 
 def fusion_report(model_path, level: str = "all") -> dict:
@@ -172,6 +251,7 @@ def describe_environment(session: ort.InferenceSession | None = None) -> dict:
     if session is not None:
         env["providers_used"] = session.get_providers()
         env["intra_op_threads"] = session.get_session_options().intra_op_num_threads
+        env["session_config"] = getattr(session, "_edgekd_config", {})
     return env
 
 

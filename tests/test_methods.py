@@ -1,0 +1,266 @@
+"""Every registered method and scheme trains a tiny (quantized) student for a few steps, generated
+from the registries; recipes, layer names and the teacher cache. Tiny data built in code."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd import features, models, quant, recipe, schemes, train as tr
+from edgekd.data import Dataset, Split
+from edgekd.errors import ConfigError, UnknownNameError
+from edgekd.losses import LOSSES, Objective
+
+
+def _split(n: int, seed: int) -> Split:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.normal(0, 1, (n, 1, 8, 8)).astype(np.float32)
+    x[np.arange(n), 0, y * 2, :] += 2.0  # a learnable signal: a bright row per class
+    return Split(x, y.astype(np.int64))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Dataset("tiny", _split(64, 0), _split(16, 1), _split(16, 2), ["a", "b", "c"], [0.0], [1.0])
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return models.cnn_teacher(num_classes=3, width=8).eval()
+
+
+@pytest.fixture(scope="module")
+def qstudent():
+    torch.manual_seed(0)
+    return quant.quantize(models.cnn_student(num_classes=3, width=4), quant.QuantSpec(weight_bits=4, act_bits=4))
+
+
+def _cfg(**kw):
+    return tr.FitConfig(**{"epochs": 1, "lr": 1e-3, "batch_size": 32, "progress": False, **kw})
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_method_trains_a_quantized_student(name, tiny, teacher, qstudent):
+    student = copy.deepcopy(qstudent)
+    objective = Objective.single(name)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    res = tr.fit(student, tiny, _cfg(), objective, teacher if objective.needs_teacher else None)
+    assert np.isfinite(res.history[0]["loss"])
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items() if k.endswith("weight"))
+    if objective.wants_layers:  # named layers were hooked on the quantized student and teacher
+        assert objective.student_layers and objective.teacher_layers
+
+
+def test_adapters_are_trained_with_the_student(tiny, teacher, qstudent):
+    objective = Objective.single("fitnet")
+    tr.fit(copy.deepcopy(qstudent), tiny, _cfg(), objective, teacher)
+    (adapter,) = objective.terms[1][2].adapters
+    assert isinstance(adapter, torch.nn.Conv2d)  # 16 student channels -> 32 teacher channels
+    weights = adapter.weight.detach().clone()
+    tr.fit(copy.deepcopy(qstudent), tiny, _cfg(), objective, teacher)
+    assert not torch.equal(weights, adapter.weight)
+
+
+def test_quantized_student_hooks_give_float_values(tiny, qstudent):
+    names = [r["name"] for r in features.layer_table(qstudent, torch.from_numpy(tiny.train.x[:2]))]
+    assert "1" not in names  # batch norm merged away
+    with features.FeatureHooks(qstudent, ["2"]) as hooks:
+        qstudent(torch.from_numpy(tiny.train.x[:2]))
+        out = hooks.take()["2"]
+    assert type(out) is torch.Tensor
+
+
+def test_bad_layer_name_suggests(tiny, teacher, qstudent):
+    objective = Objective.from_specs([{"name": "fitnet", "student": ["3.bodyy"], "teacher": ["3.relu"]}])
+    with pytest.raises(UnknownNameError, match="no layer '3.bodyy'"):
+        tr.fit(copy.deepcopy(qstudent), tiny, _cfg(), objective, teacher)
+    with pytest.raises(UnknownNameError, match="did you mean '3.relu'"):
+        features.FeatureHooks(teacher, ["3.rel"], "teacher")
+
+
+def test_teacher_cache_matches_live_teacher(tiny, teacher):
+    x = torch.from_numpy(tiny.train.x)
+    cache = tr.build_teacher_cache(teacher, x, ["3.relu"])
+    idx = torch.tensor([5, 0, 17])
+    logits, feats = cache.get(idx)
+    assert cache.logits.dtype == torch.float16 and feats["3.relu"].shape[0] == 3
+    with torch.no_grad():
+        assert torch.allclose(logits, teacher(x[idx]), atol=2e-2, rtol=1e-2)
+
+
+def test_teacher_cache_off_with_random_flips(tiny, teacher):
+    lines = []
+    assert tr.teacher_cache(teacher, torch.from_numpy(tiny.train.x), flip=True, log=lines.append) is None
+    assert "teacher cache off" in lines[0] and "flip" in lines[0]
+
+
+def test_cached_and_live_training_agree(tiny, teacher, qstudent):
+    results = []
+    for cache in (None, False):
+        student = copy.deepcopy(qstudent)
+        tr.fit(student, tiny, _cfg(seed=3), Objective.single("kd"), teacher, cache=cache)
+        results.append(tr.predict(student, torch.from_numpy(tiny.test.x)))
+    assert torch.allclose(results[0], results[1], atol=0.2)  # fp16 targets: equal up to rounding
+
+
+def test_ensemble_averages_probabilities(teacher):
+    other = copy.deepcopy(teacher)
+    for p in other.parameters():
+        p.data.mul_(0.5)
+    ens = schemes.Ensemble([teacher, other], [3.0, 1.0]).eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        want = 0.75 * teacher(x).softmax(1) + 0.25 * other(x).softmax(1)
+        assert torch.allclose(ens(x).softmax(1), want, atol=1e-6)
+        logit_mean = schemes.Ensemble([teacher, other], mix="logits").eval()(x)
+        assert torch.allclose(logit_mean, (teacher(x) + other(x)) / 2, atol=1e-5)
+
+
+def test_dml_trains_peers(tiny, qstudent):
+    peer = models.cnn_student(num_classes=3, width=4)
+    before = copy.deepcopy(peer.state_dict())
+    tr.fit(copy.deepcopy(qstudent), tiny, _cfg(), Objective.single("kd"), peers=[peer])
+    assert any(not torch.equal(before[k], v) for k, v in peer.state_dict().items())
+
+
+def test_progressive_schedule():
+    spec = quant.QuantSpec(weight_bits=2, act_bits=2)
+
+    class O:
+        bit_schedule = None
+    assert schemes.bit_schedule(O(), spec) == [(8, 8), (4, 4), (2, 2)]
+    O.bit_schedule = [8]
+    assert schemes.bit_schedule(O(), quant.QuantSpec(weight_bits=4, act_bits=4)) == [(8, 8), (4, 4)]
+
+
+def test_order_resolution():
+    assert schemes.resolve_order(None, 3) == "float-first"
+    assert schemes.resolve_order(None, 0) == "joint"
+    with pytest.raises(UnknownNameError, match="did you mean 'joint'"):
+        schemes.resolve_order("jont", 1)
+
+
+# ---- recipes -------------------------------------------------------------------------------------
+
+RECIPE = """
+scheme = "offline"
+order = "float-first"
+
+[[loss]]
+name = "ce"
+
+[[loss]]
+name = "dkd"
+beta = 4.0
+
+[[loss]]
+name = "at"
+weight = 500.0
+student = ["5"]
+teacher = ["3.relu"]
+"""
+
+
+def test_recipe_parses_into_options_and_terms():
+    options, terms = recipe.parse(RECIPE)
+    assert options == {"scheme": "offline", "order": "float-first"}
+    objective = Objective.from_specs(terms)
+    assert [(n, w) for n, w, _ in objective.terms] == [("ce", 1.0), ("dkd", 1.0), ("at", 500.0)]
+    assert objective.terms[1][2].beta == 4.0 and objective.terms[1][2].alpha == 1.0
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("epocs = 3", "unknown key 'epocs' (did you mean 'epochs'"),
+    ("[[loss]]\nname = 'dkdd'", "did you mean 'dkd'"),
+    ("[[loss]]\nname = 'dkd'\nbetta = 2", "unknown key 'betta' (did you mean 'beta'"),
+    ("[[loss]]\nname = 'dkd'\nweigth = 2", "did you mean 'weight'"),
+    ("[[loss]]\nweight = 2", "has no 'name'"),
+    ("loss = 3", "list of tables"),
+    ("order = ", "not valid TOML"),
+])
+def test_recipe_errors(text, fragment):
+    with pytest.raises((ConfigError, UnknownNameError)) as e:
+        recipe.parse(text, "r.toml")
+    assert fragment in e.value.message
+
+
+# ---- schemes end to end --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def npz_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("npz") / "tiny.npz"
+    s = _split(90, 4)
+    np.savez(path, x=s.x[:, 0] - s.x.min(), y=s.y)
+    return f"npz:{path}"
+
+
+@pytest.mark.parametrize("scheme", schemes.SCHEMES.names())
+def test_every_scheme_runs_end_to_end(scheme, npz_data, tmp_path, monkeypatch):
+    from edgekd import api
+
+    monkeypatch.chdir(tmp_path)
+    opts = api.DistillOptions(data=npz_data, weight_bits=4, act_bits=4, epochs=1, float_epochs=0, teacher_epochs=1,
+                              batch_size=32, progress=False, scheme=scheme, generations=2, assistants=["mlp-student"],
+                              assistant_epochs=1, teacher="mlp-student")
+    m = api.distill(opts, out=tmp_path / "run")
+    assert m["scheme"] == scheme and 0.0 <= m["student_accuracy"] <= 1.0
+    for name in ("student.pt", "recipe.json", "metrics.json", "log.txt"):
+        assert (tmp_path / "run" / name).is_file()
+    assert api.load_student(tmp_path / "run")[0] is not None
+
+
+def test_recipe_file_drives_distill(npz_data, tmp_path, monkeypatch):
+    from edgekd import api
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.toml").write_text('order = "joint"\n[[loss]]\nname = "ce"\n[[loss]]\nname = "rkd"\n')
+    opts = api.DistillOptions(data=npz_data, weight_bits=4, act_bits=4, epochs=1, teacher_epochs=1, batch_size=32,
+                              progress=False, config=str(tmp_path / "r.toml"), teacher="mlp-student")
+    m = api.distill(opts, out=tmp_path / "run")
+    assert m["method"] == "rkd" and m["order"] == "joint" and m["float_epochs"] == 0
+    assert m["teacher_cache"] is True  # npz data has no random flips
+    assert m["loss"][1]["student"]  # the automatically chosen layers are recorded
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from edgekd.cli import main
+
+    return CliRunner().invoke(main, ["distill", *map(str, args)])
+
+
+def test_cli_recipe_with_unknown_key_is_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[loss]]\nname = 'at'\nstudnet = ['5']\n")
+    result = _cli("--config", bad)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "unknown key 'studnet' (did you mean 'student'" in result.stderr
+
+
+def test_cli_unknown_method_and_param(tmp_path):
+    result = _cli("--method", "dkdd")
+    assert result.exit_code == 2 and "did you mean 'dkd'" in result.stderr
+    result = _cli("--method", "dkd", "--param", "betta=2")
+    assert result.exit_code == 2 and "did you mean 'beta'" in result.stderr
+
+
+def test_cli_lists_layers():
+    result = _cli("--list-layers", "--bits", "4")
+    assert result.exit_code == 0, result.output
+    assert "student layers:" in result.output and "teacher layers:" in result.output
+    student = result.output.split("teacher layers:")[0]
+    assert " 5 " in student and " 1 " not in student  # BN '1' merges away in the quantized student
+
+
+def test_help_names_every_method_and_scheme():
+    text = " ".join(_cli("--help").output.split())
+    for name in LOSSES.names() + schemes.SCHEMES.names():
+        assert name in text, name
