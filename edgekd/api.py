@@ -243,7 +243,7 @@ def distill(opts: DistillOptions, out: Path | None = None, log: Log = _quiet) ->
     The scheme (edgekd.schemes) decides who teaches whom; the objective (edgekd.losses, from
     ``method`` or a recipe) what is matched; ``order`` whether float KD precedes QAT.
     """
-    from . import models, schemes, train as tr
+    from . import models, quant, schemes, train as tr
     from .data import load_dataset
 
     tr.set_threads()
@@ -256,6 +256,9 @@ def distill(opts: DistillOptions, out: Path | None = None, log: Log = _quiet) ->
     data = _limit(load_dataset(opts.data, seed=opts.seed), opts.train_limit)
     if opts.flip is not None:
         data.flip_augment = opts.flip
+    # Check the student before any teacher training: a typo or an untraceable model fails in seconds.
+    float_model = models.build_model(opts.student, data.num_classes, data.input_shape)
+    quant.trace(float_model)
     teacher, teacher_acc, teacher_src = None, None, None
     if (objective.needs_teacher and opts.scheme != "dml") or opts.scheme == "assistant":
         teacher, teacher_acc, teacher_src = resolve_teachers(opts, data, log)
@@ -273,7 +276,6 @@ def distill(opts: DistillOptions, out: Path | None = None, log: Log = _quiet) ->
     qmodel = result.student
     student_acc = tr.accuracy(qmodel, data.test)
     logf(f"{spec.label} student test accuracy (fake-quant, PyTorch) {student_acc:.4f}")
-    float_model = models.build_model(opts.student, data.num_classes, data.input_shape)
     metrics = {"teacher_accuracy": teacher_acc, "student_accuracy": student_acc,
                "student_float_accuracy": result.float_accuracy, "val_accuracy": result.val_accuracy,
                "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "method": method,
