@@ -24,7 +24,9 @@ Definitions used in every row:
   that is impossible it is the whole process lifetime, earlier bundles included ("process").
   ``rss_increase_mb`` = VmRSS after the runs - VmRSS before loading the model (memory the loaded
   model keeps); ``peak_rss_increase_mb`` = peak - VmRSS before loading (what loading and running
-  needed at most on top of what the process already held). Both need /proc (Linux).
+  needed at most on top of what the process already held). Both need /proc (Linux), and both
+  count new resident pages only: memory the allocator reuses from earlier, freed allocations of
+  the same process (an earlier bundle's) is already resident, so later bundles can show less.
 """
 
 from __future__ import annotations

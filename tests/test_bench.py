@@ -176,8 +176,19 @@ def test_memory_and_environment_are_recorded(tmp_path):
     assert row.peak_rss_mb > 1.0
     if Path("/proc/self/status").exists():
         assert row.peak_rss_scope == "bundle"
-        assert row.peak_rss_increase_mb >= weight_mb  # loading held at least the weights
         assert row.peak_rss_increase_mb >= row.rss_increase_mb - 0.5  # a peak is not below what is kept
+        # How much RSS grows depends on what the allocator already holds: in this long-lived pytest
+        # process freed, still-resident memory from earlier tests can take the weights without new
+        # pages. A fresh interpreter (as `edgekd bench` is) must show the weights as new pages.
+        script = ("import json, sys; from edgekd import bench; from edgekd.catalog import BenchSettings; "
+                  "s = BenchSettings(threads=1, warmup=1, warmup_s=0.0, iterations=3, min_time_s=0.0, "
+                  "batch_sizes=(1,)); r = bench.bench_bundles([sys.argv[1]], s)[0]; "
+                  "print(json.dumps([r.peak_rss_increase_mb, r.rss_increase_mb]))")
+        out = subprocess.run([sys.executable, "-c", script, str(big)], capture_output=True, text=True,
+                             check=True).stdout
+        peak_increase, kept_increase = json.loads(out.strip().splitlines()[-1])
+        assert peak_increase >= weight_mb  # loading held at least the weights
+        assert peak_increase >= kept_increase - 0.5
     env = row.environment
     for key in ("cpu_model", "cpu_count", "onnxruntime_version", "providers_available", "providers_used",
                 "intra_op_threads", "python", "platform", "machine", "edgekd_version"):
