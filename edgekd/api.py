@@ -49,33 +49,77 @@ class TrainOptions:
     batch_size: int = 64
     seed: int = 0
     progress: bool = True
+    device: str = "cpu"
+    amp: bool = False
 
 
-def train(opts: TrainOptions, out: Path | None = None, log: Log = _quiet) -> dict:
-    """Train a float model (a teacher) and save it as an edgekd checkpoint; returns its metrics."""
-    from . import models, train as tr
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise EdgekdError(f"unknown device {device!r}", "use --device cpu or --device cuda[:N]")
+    if not torch.cuda.is_available():
+        raise EdgekdError(f"--device {device}: this PyTorch sees no CUDA GPU", "use --device cpu")
+
+
+def _run_quiet(opts) -> tuple:
+    """(joined a torchrun process group now, whether this process logs) for a training command."""
+    from . import distributed as dd
+
+    _check_device(opts.device)
+    joined = dd.init_from_env(opts.device)
+    return joined, dd.is_main()
+
+
+def _options(opts) -> dict:
+    """The options that define a run's result (a resumed run must have the same)."""
+    return {k: v for k, v in asdict(opts).items() if k != "progress"}
+
+
+def train(opts: TrainOptions, out: Path | None = None, log: Log = _quiet, resume: bool | str = False) -> dict:
+    """Train a float model (a teacher) and save it as an edgekd checkpoint; returns its metrics.
+
+    ``resume``: True continues an interrupted run (checkpoint.py), "auto" does so when its
+    checkpoints match these options. Under torchrun every rank trains (DDP), rank 0 writes."""
+    from . import distributed as dd, models, train as tr
+    from .checkpoint import RunCheckpoints, partial_dir
     from .data import load_dataset
 
-    tr.set_threads()
-    data = load_dataset(opts.data, seed=opts.seed)
-    model = models.build_model(opts.arch, data.num_classes, data.input_shape)
-    out = Path(out) if out else RUNS_DIR / "teachers" / _slug(TEACHER_CACHE_VERSION, _dataset_name(opts.data), opts.arch, f"s{opts.seed}",
-                                                              f"e{opts.epochs}")
-    log(f"training {opts.arch} ({models.count_params(model):,} parameters) on {opts.data} for {opts.epochs} epochs")
-    cfg = tr.FitConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed,
-                       flip=data.flip_augment, progress=opts.progress, desc="teacher")
-    from .losses import make_loss
+    joined, loud = _run_quiet(opts)
+    log = log if loud else _quiet
+    try:
+        tr.set_threads()
+        data = load_dataset(opts.data, seed=opts.seed)
+        model = models.build_model(opts.arch, data.num_classes, data.input_shape)
+        out = Path(out) if out else RUNS_DIR / "teachers" / _slug(TEACHER_CACHE_VERSION, _dataset_name(opts.data), opts.arch,
+                                                                  f"s{opts.seed}", f"e{opts.epochs}")
+        ckpts = RunCheckpoints(partial_dir(out), _options(opts), resume, log)
+        log(f"training {opts.arch} ({models.count_params(model):,} parameters) on {opts.data} for {opts.epochs} epochs"
+            + (f" on {dd.world()} processes" if dd.world() > 1 else ""))
+        cfg = tr.FitConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed,
+                           flip=data.flip_augment, progress=opts.progress, desc="teacher", device=opts.device, amp=opts.amp)
+        from .losses import make_loss
 
-    result = tr.fit(model, data, cfg, make_loss("none"), on_epoch=lambda r: log(_epoch_line("teacher", r)))
-    metrics = {"accuracy": tr.accuracy(model, data.test), "val_accuracy": result.best_val_accuracy,
-               "best_epoch": result.best_epoch, "seconds": result.seconds, "history": result.history,
-               "params": models.count_params(model), **{k: v for k, v in asdict(opts).items() if k != "progress"}}
-    meta = _model_meta(opts.arch, data, opts.data, opts.seed) | {"accuracy": metrics["accuracy"]}
-    with atomic_dir(out) as tmp:
-        models.save_checkpoint(tmp / "model.pt", model.state_dict(), meta)
-        write_json(tmp / "metrics.json", metrics)
-    log(f"teacher test accuracy {metrics['accuracy']:.4f}; saved {out / 'model.pt'}")
-    return metrics | {"path": str(out / "model.pt")}
+        result = tr.fit(model, data, cfg, make_loss("none"), on_epoch=lambda r: log(_epoch_line("teacher", r)),
+                        checkpoint=ckpts.phase("teacher"))
+        metrics = {"accuracy": tr.accuracy(model, data.test, sharded=True), "val_accuracy": result.best_val_accuracy,
+                   "best_epoch": result.best_epoch, "seconds": result.seconds, "history": result.history,
+                   "params": models.count_params(model), "processes": dd.world(), **_options(opts)}
+        meta = _model_meta(opts.arch, data, opts.data, opts.seed) | {"accuracy": metrics["accuracy"]}
+        if dd.is_main():
+            with atomic_dir(out) as tmp:
+                models.save_checkpoint(tmp / "model.pt", model.state_dict(), meta)
+                write_json(tmp / "metrics.json", metrics)
+        ckpts.finish()
+        log(f"teacher test accuracy {metrics['accuracy']:.4f}; saved {out / 'model.pt'}")
+        return metrics | {"path": str(out / "model.pt")}
+    finally:
+        if joined:
+            dd.shutdown()
+
+
 
 
 def _model_meta(arch: str, data, data_spec: str, seed: int) -> dict:
@@ -90,7 +134,7 @@ def _epoch_line(what: str, r: dict) -> str:
             f"val acc {r['val_accuracy']:.4f} ({r['seconds']:.0f}s){star}")
 
 
-def resolve_teacher(spec: str | None, data, opts: "DistillOptions", log: Log):
+def resolve_teacher(spec: str | None, data, opts: "DistillOptions", log: Log, resume: bool = False):
     """A teacher model: a checkpoint file, or an architecture trained once and cached."""
     from . import models
 
@@ -101,23 +145,25 @@ def resolve_teacher(spec: str | None, data, opts: "DistillOptions", log: Log):
     if spec and (spec.endswith((".pt", ".pth", ".safetensors")) or "/" in spec):
         raise MissingFileError(f"teacher checkpoint not found: {spec}", "check the path, or train one with 'edgekd train'")
     arch = spec or DEFAULT_TEACHER
-    topts = TrainOptions(data=opts.data, arch=arch, epochs=opts.teacher_epochs, seed=opts.seed, progress=opts.progress)
+    topts = TrainOptions(data=opts.data, arch=arch, epochs=opts.teacher_epochs, seed=opts.seed, progress=opts.progress,
+                         device=opts.device, amp=opts.amp)
     path = RUNS_DIR / "teachers" / _slug(TEACHER_CACHE_VERSION, _dataset_name(opts.data), arch, f"s{opts.seed}", f"e{opts.teacher_epochs}") / "model.pt"
     if path.is_file():
         log(f"reusing teacher {path}")
     else:
-        path = Path(train(topts, out=path.parent, log=log)["path"])
+        # a teacher's options define it fully: an interrupted teacher run with the same options continues
+        path = Path(train(topts, out=path.parent, log=log, resume="auto")["path"])
     model, meta = models.load_model(path, expect_classes=data.num_classes)
     return model, meta.get("accuracy"), str(path)
 
 
-def resolve_teachers(opts: "DistillOptions", data, log: Log):
+def resolve_teachers(opts: "DistillOptions", data, log: Log, resume: bool = False):
     """One teacher, or several averaged into a schemes.Ensemble (``teacher_weights``, ``teacher_mix``)."""
     from . import train as tr
     from .schemes import Ensemble
 
     specs = _teacher_specs(opts.teacher)
-    found = [resolve_teacher(spec, data, opts, log) for spec in specs]
+    found = [resolve_teacher(spec, data, opts, log, resume) for spec in specs]
     for model, acc, src in found:
         log(f"teacher {src}: test accuracy {acc if acc is not None else tr.accuracy(model, data.test):.4f}")
     if len(found) == 1 and not opts.teacher_weights:
@@ -182,6 +228,8 @@ class DistillOptions:
     flip: bool | None = None  # random flips; None: the dataset's default (teacher cache needs them off)
     cache: bool = True  # cache teacher outputs when the input pipeline is deterministic
     train_limit: int | None = None  # train on the first N training samples only (quick experiments)
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    amp: bool = False  # bfloat16 autocast for the float phases on CUDA (QAT stays float32)
 
 
 def _with_recipe(opts: DistillOptions) -> DistillOptions:
@@ -232,18 +280,41 @@ def _spec(opts: DistillOptions, log: Log):
         log(f"warning: target {target.name} uses reduce_range: weights are trained with at most 7 bits "
             f"(W{spec.weight_bits}, first/last layers {spec.first_last_bits or spec.weight_bits}) because ONNX "
             "Runtime's x86 int8 kernels saturate with 8-bit weights on CPUs without VNNI; on ARM use --target rpi")
-    for finding in _preflight(target, spec):
-        log(f"{finding['level']}: {finding['message']}")
+    findings = _preflight(target, spec)
+    for finding in findings:
+        if finding["level"] != "error":
+            log(f"{finding['level']}: {finding['message']}")
+    errors = [f for f in findings if f["level"] == "error"]
+    if errors:  # the exported model would not run on the target: stop before any training
+        from .errors import IncompatibleError
+
+        raise IncompatibleError(f"{spec.label} cannot be deployed to {target.name}: "
+                                + "; ".join(f["message"] for f in errors),
+                                "; ".join(f["suggestion"] for f in errors if f["suggestion"]) or None)
     return target, spec
 
 
-def distill(opts: DistillOptions, out: Path | None = None, log: Log = _quiet) -> dict:
+def distill(opts: DistillOptions, out: Path | None = None, log: Log = _quiet, resume: bool = False) -> dict:
     """Quantized distillation: KD from the teacher while training the student with Brevitas QAT.
 
     The scheme (edgekd.schemes) decides who teaches whom; the objective (edgekd.losses, from
-    ``method`` or a recipe) what is matched; ``order`` whether float KD precedes QAT.
+    ``method`` or a recipe) what is matched; ``order`` whether float KD precedes QAT. Training
+    state is checkpointed in ``OUT.partial`` after every epoch and on SIGINT/SIGTERM; ``resume``
+    continues from it. Under torchrun every rank trains (DDP) and rank 0 writes.
     """
-    from . import models, quant, schemes, train as tr
+    joined, loud = _run_quiet(opts)
+    try:
+        return _distill(opts, out, log if loud else _quiet, resume)
+    finally:
+        if joined:
+            from . import distributed as dd
+
+            dd.shutdown()
+
+
+def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool) -> dict:
+    from . import distributed as dd, models, quant, schemes, train as tr
+    from .checkpoint import RunCheckpoints, partial_dir
     from .data import load_dataset
 
     tr.set_threads()
@@ -259,22 +330,27 @@ def distill(opts: DistillOptions, out: Path | None = None, log: Log = _quiet) ->
     # Check the student before any teacher training: a typo or an untraceable model fails in seconds.
     float_model = models.build_model(opts.student, data.num_classes, data.input_shape)
     quant.trace(float_model)
-    teacher, teacher_acc, teacher_src = None, None, None
-    if (objective.needs_teacher and opts.scheme != "dml") or opts.scheme == "assistant":
-        teacher, teacher_acc, teacher_src = resolve_teachers(opts, data, log)
     method = opts.method if not opts.loss else objective.name
     name = _slug(_dataset_name(opts.data), opts.student, spec.label.lower(), method,
                  *([opts.scheme] if opts.scheme != "offline" else []))
     out = Path(out) if out else RUNS_DIR / name
+    ckpt_opts = _options(replace(opts, order=order))
+    if resume and not (partial_dir(out) / "options.json").is_file():
+        # fail before training a teacher
+        RunCheckpoints(partial_dir(out), ckpt_opts, True)
+    teacher, teacher_acc, teacher_src = None, None, None
+    if (objective.needs_teacher and opts.scheme != "dml") or opts.scheme == "assistant":
+        teacher, teacher_acc, teacher_src = resolve_teachers(opts, data, log, resume)
     lines = []
     logf = lambda s: (lines.append(s), log(s))  # noqa: E731
+    checkpoints = RunCheckpoints(partial_dir(out), ckpt_opts, resume, logf)
     logf(f"method {method} ({', '.join(f'{w:g} x {n}' for n, w, _ in objective.terms)}), scheme {opts.scheme}, "
-         f"order {order}")
+         f"order {order}" + (f", {dd.world()} processes (global batch {opts.batch_size})" if dd.world() > 1 else ""))
     run = schemes.Run(opts=replace(opts, order=order), data=data, spec=spec, new_objective=new_objective,
-                      teacher=teacher, log=logf)
+                      teacher=teacher, log=logf, checkpoints=checkpoints)
     result = scheme(run)
     qmodel = result.student
-    student_acc = tr.accuracy(qmodel, data.test)
+    student_acc = tr.accuracy(qmodel, data.test, sharded=True)
     logf(f"{spec.label} student test accuracy (fake-quant, PyTorch) {student_acc:.4f}")
     metrics = {"teacher_accuracy": teacher_acc, "student_accuracy": student_acc,
                "student_float_accuracy": result.float_accuracy, "val_accuracy": result.val_accuracy,
@@ -282,17 +358,19 @@ def distill(opts: DistillOptions, out: Path | None = None, log: Log = _quiet) ->
                "epochs": opts.epochs, "float_epochs": result.float_epochs, "dataset": opts.data,
                "student": opts.student, "student_params": models.count_params(float_model), "target": target.name,
                "scheme": opts.scheme, "order": order, "loss": (run.objectives or [objective])[-1].describe(), "teacher": teacher_src,
-               "teacher_cache": bool(run.cache_used) and all(run.cache_used),
+               "teacher_cache": bool(run.cache_used) and all(run.cache_used), "processes": dd.world(),
                "seconds": result.seconds, "history": run.history}
     meta = _model_meta(opts.student, data, opts.data, opts.seed) | {"quant": spec.to_dict(), "target": target.name}
     recipe = asdict(opts) | {"float_epochs": result.float_epochs, "qat_lr": result.qat_lr, "target": target.name,
                              "order": order, "loss": metrics["loss"]}
     recipe.pop("progress")
-    with atomic_dir(out) as tmp:
-        models.save_checkpoint(tmp / "student.pt", qmodel.state_dict(), meta)
-        write_json(tmp / "recipe.json", recipe)
-        write_json(tmp / "metrics.json", metrics)
-        write_text(tmp / "log.txt", "\n".join(lines) + "\n")
+    if dd.is_main():
+        with atomic_dir(out) as tmp:
+            models.save_checkpoint(tmp / "student.pt", qmodel.state_dict(), meta)
+            write_json(tmp / "recipe.json", recipe)
+            write_json(tmp / "metrics.json", metrics)
+            write_text(tmp / "log.txt", "\n".join(lines) + "\n")
+    checkpoints.finish()
     return metrics | {"run_dir": str(out)}
 
 
@@ -347,13 +425,13 @@ def load_student(run_dir: Path):
 
 def find_run(run_dir: str | Path | None) -> Path:
     if run_dir is None:
-        found = latest(RUNS_DIR, "student.pt")
-        if found is None:
+        run_dir = latest(RUNS_DIR, "student.pt")
+        if run_dir is None:
             raise MissingFileError("no distilled run found under runs/", "run 'edgekd distill' first, or pass RUN_DIR")
-        return found
     run_dir = Path(run_dir)
-    if not (run_dir / "student.pt").is_file():
-        raise MissingFileError(f"{run_dir} is not a run directory (no student.pt)",
+    missing = [name for name in ("student.pt", "metrics.json") if not (run_dir / name).is_file()]
+    if missing:
+        raise MissingFileError(f"{run_dir} is not a run directory (no {' or '.join(missing)})",
                                "pass a directory written by 'edgekd distill'")
     return run_dir
 

@@ -8,6 +8,7 @@ Heavy imports (torch, brevitas) happen inside the commands that need them.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -98,6 +99,18 @@ _seed_opt = click.option("--seed", default=0, show_default=True, type=int, help=
 _quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines.")
 
 
+def _training_opts(f):
+    """--device, --amp and --resume, shared by train and distill."""
+    f = click.option("--resume", is_flag=True,
+                     help="Continue the interrupted run with the same options and --out from its checkpoint "
+                          "(OUT.partial, written every epoch and on Ctrl-C / SIGTERM).")(f)
+    f = click.option("--amp", is_flag=True,
+                     help="bfloat16 mixed precision for the float phases on CUDA (QAT stays float32).")(f)
+    return click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda[:N]",
+                        help="Where to train. Multi-process: launch with 'torchrun --nproc-per-node N -m edgekd "
+                             "...' (gloo on CPU, nccl on CUDA; --batch-size is the global batch).")(f)
+
+
 @main.command()
 @_data_opt
 @click.option("--arch", default="cnn-teacher", show_default=True,
@@ -107,14 +120,17 @@ _quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar o
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @_seed_opt
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory (default runs/teachers/NAME).")
+@_training_opts
 @_quiet_opt
-def train(data, arch, epochs, lr, batch_size, seed, out, quiet):
+def train(data, arch, epochs, lr, batch_size, seed, out, device, amp, resume, quiet):
     """Train a float model to use as a teacher."""
     from .api import TrainOptions, train as run_train
 
     opts = TrainOptions(data=data, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                        progress=not quiet)
-    metrics = run_train(opts, out=out, log=_logger(quiet))
+                        progress=not quiet, device=device, amp=amp)
+    metrics = run_train(opts, out=out, log=_logger(quiet), resume=resume)
+    if os.environ.get("RANK", "0") != "0":
+        return
     click.echo(f"teacher: {metrics['path']}  test accuracy {metrics['accuracy']:.4f}  "
                f"({metrics['params']:,} parameters, {metrics['seconds']:.0f}s)")
 
@@ -180,11 +196,12 @@ _METHODS_HELP = ("Distillation method (paper defaults; see README): hinton [defa
 @_seed_opt
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/NAME).")
 @click.option("--list-layers", is_flag=True, help="Print the layer names feature terms can use, and exit.")
+@_training_opts
 @_quiet_opt
 def distill(data, bits, weight_bits, act_bits, teacher, teacher_weights, teacher_mix, student, target, method, params,
             config, temperature, alpha, scheme, order, epochs, float_epochs, teacher_epochs, generations, peers,
             assistants, assistant_epochs, bit_schedule, flip, no_cache, lr, batch_size, first_last_bits, seed, out,
-            list_layers, quiet):
+            list_layers, device, amp, resume, quiet):
     """Train a quantized student by knowledge distillation (Brevitas QAT at 2..8 bits).
 
     \b
@@ -207,7 +224,8 @@ def distill(data, bits, weight_bits, act_bits, teacher, teacher_weights, teacher
                           teacher_mix=teacher_mix, generations=generations, peers=peers,
                           assistants=list(assistants) or ["resnet-student"], assistant_epochs=assistant_epochs,
                           bit_schedule=_bit_list(bit_schedule), flip=flip, cache=not no_cache, lr=lr,
-                          batch_size=batch_size, first_last_bits=flb, seed=seed, progress=not quiet)
+                          batch_size=batch_size, first_last_bits=flb, seed=seed, progress=not quiet,
+                          device=device, amp=amp)
     if list_layers:
         from .api import list_layers as layers
 
@@ -216,7 +234,9 @@ def distill(data, bits, weight_bits, act_bits, teacher, teacher_weights, teacher
             for r in rows:
                 click.echo(f"  {r['name']:<24} {r['type']:<20} {tuple(r['shape'])}")
         return
-    m = run_distill(opts, out=out, log=_logger(quiet))
+    m = run_distill(opts, out=out, log=_logger(quiet), resume=resume)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return
     teacher_acc = f"{m['teacher_accuracy']:.4f}" if m["teacher_accuracy"] is not None else "-"
     click.echo(f"run: {m['run_dir']}  W{m['weight_bits']}A{m['act_bits']} student accuracy {m['student_accuracy']:.4f} "
                f"(fake-quant, PyTorch, test split)  teacher {teacher_acc}  {m['seconds']:.0f}s")

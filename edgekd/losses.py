@@ -410,6 +410,10 @@ def make_loss(method: str, **params):
     if bad:
         raise ConfigError(f"method {method!r} has no parameter {bad[0]!r}{suggest(bad[0], list(accepted))}",
                           f"its parameters: {', '.join(accepted) or 'none'}")
+    for key, value in params.items():  # a number parameter given as text fails here, not mid-training
+        if isinstance(accepted[key], float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"method {method!r}: parameter {key!r} must be a number, got {value!r}",
+                              f"e.g. {key}={accepted[key]:g}")
     return cls(**params)
 
 
@@ -453,6 +457,8 @@ class Objective:
             name = spec.pop("name")
             weight = spec.pop("weight", None)
             term = make_loss(name, **spec)
+            if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+                raise ConfigError(f"loss term {name!r}: weight must be a number, got {weight!r}")
             terms.append((name, float(term.weight if weight is None else weight), term))
         return cls(terms)
 

@@ -195,7 +195,9 @@ def load_checkpoint(path: str | Path) -> dict:
                               "or a corrupt file)",
                               "re-save it as a state_dict or .safetensors") from None
     except Exception as e:  # truncated or not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:160]}") from None
+        detail = " ".join(str(e).split()).split(". ")[0][:160]  # torch's first sentence, not its advice
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch file "
+                              f"({type(e).__name__}: {detail})", "pass a complete .pt or .safetensors file") from None
     if isinstance(obj, dict) and obj.get("format") == "edgekd-checkpoint-1":
         return obj
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -237,7 +239,8 @@ def load_model(path: str | Path, expect_classes: int | None = None) -> tuple[nn.
     meta = ckpt["meta"]
     if "arch" not in meta:
         raise CheckpointError(f"{path} has weights but no architecture",
-                              "pass the architecture with --teacher SPEC and the file with --teacher-weights FILE")
+                              "use a checkpoint written by 'edgekd train' (it records the architecture), "
+                              "or pass an architecture name as --teacher to train one")
     if expect_classes is not None and meta["num_classes"] != expect_classes:
         raise IncompatibleError(f"teacher {path} predicts {meta['num_classes']} classes but the dataset has "
                                 f"{expect_classes}", "use a teacher trained on the same dataset")

@@ -283,3 +283,27 @@ def describe(model: nn.Module) -> list[dict]:
             rows.append({"name": name, "kind": type(m).__name__,
                          "act_bits": int(bw) if bw is not None else None, "signed": bool(m.act_quant.is_signed)})
     return rows
+
+
+def runtime_state(model: nn.Module) -> dict:
+    """What ``state_dict`` leaves out of Brevitas's activation-scale initialisation: the number of
+    statistics steps taken so far, the running statistics and the raw scale parameter (during the
+    first ``collect_stats_steps`` training steps ``state_dict`` stores the statistics in place of
+    the parameter, and loading it ends the collection). Saved in training checkpoints so that a run
+    interrupted during those steps resumes exactly."""
+    out = {}
+    for name, m in model.named_modules():
+        if hasattr(m, "collect_stats_steps") and hasattr(m, "counter") and hasattr(m, "buffer"):
+            out[name] = {"counter": int(m.counter), "buffer": m.buffer.detach().clone(),
+                         "value": m.value.detach().clone()}
+    return out
+
+
+def restore_runtime_state(model: nn.Module, state: dict) -> None:
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, s in state.items():
+            m = modules[name]
+            m.counter = s["counter"]
+            m.buffer.copy_(s["buffer"])
+            m.value.copy_(s["value"])

@@ -58,6 +58,9 @@ def parse(text: str, source: str = "recipe") -> tuple[dict, list[dict]]:
             raise ConfigError(f"{source}: unknown key {key!r}{suggest(key, allowed)}",
                               f"top-level keys: {LOSS_KEY} (a [[loss]] list) and the distill options "
                               f"{', '.join(option_names())}")
+    for key, value in doc.items():
+        if key != LOSS_KEY:
+            _check_option(key, value, source)
     terms = doc.get(LOSS_KEY, [])
     if not isinstance(terms, list) or not all(isinstance(t, dict) for t in terms):
         raise ConfigError(f"{source}: 'loss' must be a list of tables ([[loss]] sections)")
@@ -65,6 +68,29 @@ def parse(text: str, source: str = "recipe") -> tuple[dict, list[dict]]:
         _check_term(term, f"{source}: [[loss]] #{i + 1}")
     options = {k: v for k, v in doc.items() if k != LOSS_KEY}
     return options, terms
+
+
+# TOML value types of the distill options' annotations, and the bounds the CLI enforces.
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,)}
+_BOUNDS = {"weight_bits": (2, 8), "act_bits": (2, 8), "epochs": (1, None),
+           "float_epochs": (0, None), "teacher_epochs": (1, None), "batch_size": (1, None), "generations": (1, None),
+           "peers": (1, None), "assistant_epochs": (1, None), "train_limit": (1, None)}
+
+
+def _check_option(key: str, value, source: str) -> None:
+    """A top-level option must have its DistillOptions type (a bool is not an int) and CLI bounds."""
+    from .api import DistillOptions
+
+    annotation = str({f.name: f.type for f in fields(DistillOptions)}[key])
+    kinds = [_KINDS.get(part.strip().split("[")[0]) for part in annotation.split("|")]
+    allowed = tuple(t for k in kinds if k for t in k)
+    if allowed and ((isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed)):
+        names = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
+        raise ConfigError(f"{source}: {key} must be {' or '.join(names)}, got {type(value).__name__} {value!r}")
+    lo, hi = _BOUNDS.get(key, (None, None))
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ConfigError(f"{source}: {key} must be {bound}, got {value!r}")
 
 
 def _check_term(term: dict, where: str) -> None:

@@ -170,6 +170,8 @@ def environment_lines(rows: list[dict]) -> list[str]:
                 f"threads {'runtime default' if threads == 0 else threads}, python {env.get('python')}, "
                 f"{env.get('machine')}")
         extras = [f"{k}={env[k]}" for k in ("cpu_governor", "temperature_c", "rpi_throttled") if k in env]
+        if "cpu_int8_flags" in env:
+            extras.append("int8 cpu flags " + ("+".join(env["cpu_int8_flags"]) or "none"))
         text += ("; " + ", ".join(extras)) if extras else ""
         if text not in seen:
             seen.add(text)
@@ -313,7 +315,12 @@ def plot(rows: Sequence[Any], path, budgets=None, title: str | None = None, fron
     if budgets is not None and budgets.latency_ms is not None:
         xs.append(budgets.latency_ms)
     if xs and min(xs) > 0 and max(xs) / min(xs) > 20:  # e.g. 0.05 ms models next to a 5 ms budget
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 0.1 0.2 0.5 1 2 5 ...
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # not 10^-1
+        ax.xaxis.set_minor_formatter(NullFormatter())  # matplotlib's minor labels collide here
     ax.set_xlabel("p50 latency per call (ms)")
     ax.set_ylabel("top-1 accuracy through the runtime")
     ax.set_title(title or "edgekd bench: accuracy vs latency (marker area ~ model size)")

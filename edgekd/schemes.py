@@ -75,6 +75,11 @@ class Run:
     history: list = field(default_factory=list)
     cache_used: list = field(default_factory=list)
     objectives: list = field(default_factory=list)  # every objective trained (layers resolved)
+    checkpoints: object = None  # checkpoint.RunCheckpoints: one phase file per fit, in order
+
+    def phase(self, label: str):
+        """The checkpoint of the next training phase (None without checkpointing)."""
+        return self.checkpoints.phase(label) if self.checkpoints is not None else None
 
     @property
     def order(self) -> str:
@@ -106,12 +111,13 @@ def resolve_order(order: str | None, float_epochs: int) -> str:
     return order
 
 
-def _fit_cfg(run: Run, epochs: int, lr: float, seed: int, desc: str):
+def _fit_cfg(run: Run, epochs: int, lr: float, seed: int, desc: str, quantized: bool = False):
     from .train import FitConfig
 
     o = run.opts
     return FitConfig(epochs=epochs, lr=lr, batch_size=o.batch_size, seed=seed, flip=run.data.flip_augment,
-                     progress=o.progress, desc=desc, log=run.log)
+                     progress=o.progress, desc=desc, log=run.log, device=getattr(o, "device", "cpu"),
+                     amp=getattr(o, "amp", False) and not quantized)
 
 
 def _epoch_logger(run: Run, label: str, phase: str):
@@ -156,16 +162,16 @@ def two_phase(run: Run, student: nn.Module, teacher: nn.Module | None, spec, *, 
     if float_epochs:
         cfg = _fit_cfg(run, float_epochs, o.lr, o.seed, f"float student{tag}")
         res = tr.fit(student, run.data, cfg, objective, teacher, _epoch_logger(run, f"float{tag}", "float"),
-                     peers=peers, cache=cache)
+                     peers=peers, cache=cache, checkpoint=run.phase(cfg.desc))
         float_acc, seconds = tr.accuracy(student, run.data.test), res.seconds
         run.log(f"float student{tag} test accuracy {float_acc:.4f}")
     qmodel = quant.quantize(student, spec)
     if init_from is not None:
         _copy_weights(init_from, qmodel)
     qat_lr = o.qat_lr or (o.lr / 4 if float_epochs or init_from is not None else o.lr)
-    cfg = _fit_cfg(run, epochs, qat_lr, o.seed + 1, f"QAT {spec.label}{tag}")
+    cfg = _fit_cfg(run, epochs, qat_lr, o.seed + 1, f"QAT {spec.label}{tag}", quantized=True)
     res = tr.fit(qmodel, run.data, cfg, objective, teacher, _epoch_logger(run, f"{spec.label}{tag}", "qat"),
-                 peers=peers, cache=cache)
+                 peers=peers, cache=cache, checkpoint=run.phase(cfg.desc))
     return Outcome(qmodel, float_acc, res.best_val_accuracy, seconds + res.seconds, float_epochs, qat_lr)
 
 
@@ -244,7 +250,7 @@ def assistant(run: Run) -> Outcome:
         cache = prepare(run, objective, model, teacher)
         cfg = _fit_cfg(run, epochs, o.lr, o.seed, f"assistant {arch}")
         res = tr.fit(model, run.data, cfg, objective, teacher, _epoch_logger(run, f"assistant {arch}", "assistant"),
-                     cache=cache)
+                     cache=cache, checkpoint=run.phase(cfg.desc))
         seconds += res.seconds
         run.log(f"assistant {arch}: test accuracy {tr.accuracy(model, run.data.test):.4f}")
         teacher = _frozen(model)

@@ -221,6 +221,10 @@ def run_sweep(opts: SweepOptions, log: Log = _quiet, settings=None) -> SweepResu
     bench settings (tests use it to time briefly)."""
     from . import bench, catalog
 
+    from .losses import LOSSES
+
+    for method in opts.methods:  # a misspelt method is a usage error, not one error row per cell
+        LOSSES.get(method)
     target = catalog.load_target(opts.target)
     prof = catalog.load_profile(opts.profile) if opts.profile else None
     budgets = prof.budgets if prof else None

@@ -212,3 +212,16 @@ def test_engine_build_run_and_time(tmp_path):
     assert manifest["engine_parity"]["top1_agreement"] == 1.0
     rows = bench.bench_bundle(bundle, bench.resolve_settings(iterations=5, warmup=1, warmup_s=0, min_time_s=0))
     assert rows[0].status == "ok" and rows[0].device_timing["gpu_compute_ms"]["mean"] > 0
+
+
+def test_int8_cpu_flags_are_read_from_cpuinfo(monkeypatch):
+    from edgekd import backends
+
+    x86 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma avx512f avx512_vnni\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\nCPU part\t: 0xd0b\n"
+    monkeypatch.setattr(backends, "_read", lambda path: x86)
+    assert backends.int8_cpu_flags() == ["avx2", "avx512f", "avx512_vnni"]
+    monkeypatch.setattr(backends, "_read", lambda path: arm)
+    assert backends.int8_cpu_flags() == ["asimddp", "i8mm"]
+    monkeypatch.setattr(backends, "_read", lambda path: None)
+    assert backends.int8_cpu_flags() is None

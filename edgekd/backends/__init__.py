@@ -120,6 +120,24 @@ def cpu_model() -> str:
     return _read("/proc/device-tree/model") or platform.processor() or platform.machine()
 
 
+# CPU features that decide int8 speed: x86 VNNI/AMX (u8 x s8 dot products without saturation, and
+# the int8 speed-up over fp32), ARM's dot-product and int8 matrix-multiply extensions.
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+def int8_cpu_flags() -> list[str] | None:
+    """Which of INT8_CPU_FLAGS /proc/cpuinfo lists (None where it cannot be read)."""
+    text = _read("/proc/cpuinfo")
+    if text is None:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return [f for f in INT8_CPU_FLAGS if f in flags]
+
+
 def host_facts() -> dict:
     """Facts about the machine that affect timings. Keys that cannot be read are absent.
 
@@ -139,6 +157,9 @@ def host_facts() -> dict:
     }
     if hasattr(os, "sched_getaffinity"):
         facts["cpus_usable"] = len(os.sched_getaffinity(0))
+    flags = int8_cpu_flags()
+    if flags is not None:
+        facts["cpu_int8_flags"] = flags
     facts.update(_optional_facts())
     return facts
 
