@@ -204,8 +204,11 @@ class DecoupledKD(Term):
 class TeacherFreeKD(Term):
     """Yuan et al. 2020, Tf-KD_reg (teacher-free self-distillation): a virtual teacher puts
     ``correct_prob`` on the label and spreads the rest evenly; loss = multiplier * KL(softmax(u / T) ||
-    softmax(s)). Defaults from the authors' code: correct_prob=0.99, T=20, multiplier=100, weighted
-    0.95 against CE 0.05 (their reg_alpha). Needs no teacher.
+    softmax(s)) / K. The authors' code takes PyTorch's ``nn.KLDivLoss()`` with its default element-wise
+    mean, which divides the per-sample KL by the number of classes K as well: kept here, since the
+    multiplier was tuned with it (without it the term is K times stronger and, measured on Fashion-MNIST
+    W4A4, drags accuracy from 80% to 33-49%). Defaults from their code: correct_prob=0.99, T=20,
+    multiplier=100, weighted 0.95 against CE 0.05 (their reg_alpha). Needs no teacher.
     """
 
     correct_prob: float = 0.99
@@ -227,7 +230,8 @@ class TeacherFreeKD(Term):
 
     def __call__(self, student_logits, teacher_logits, labels, feats=None):
         q = self.virtual_teacher(labels, student_logits.shape[1]).to(student_logits)
-        kl = (q * (q.log() - F.log_softmax(student_logits, dim=1))).sum(1).mean() * self.multiplier
+        classes = student_logits.shape[1]
+        kl = (q * (q.log() - F.log_softmax(student_logits, dim=1))).sum(1).mean() / classes * self.multiplier
         return kl, {"tfkd": kl.item()}
 
 

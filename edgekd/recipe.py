@@ -41,7 +41,7 @@ LOSS_KEY = "loss"
 
 
 def option_names() -> list[str]:
-    from .api import DistillOptions
+    from .options import DistillOptions
 
     return [f.name for f in fields(DistillOptions) if f.name not in ("progress", "config", "loss")]
 
@@ -79,7 +79,7 @@ _BOUNDS = {"weight_bits": (2, 8), "act_bits": (2, 8), "epochs": (1, None),
 
 def _check_option(key: str, value, source: str) -> None:
     """A top-level option must have its DistillOptions type (a bool is not an int) and CLI bounds."""
-    from .api import DistillOptions
+    from .options import DistillOptions
 
     annotation = str({f.name: f.type for f in fields(DistillOptions)}[key])
     kinds = [_KINDS.get(part.strip().split("[")[0]) for part in annotation.split("|")]
