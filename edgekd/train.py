@@ -251,7 +251,6 @@ def fit(model: nn.Module, data: Dataset, cfg: FitConfig, loss_fn: LossFn,
 
     from . import distributed as dd, quant
     from .checkpoint import Interrupted, StopSignals
-    from .errors import EdgekdError
     from .features import FeatureHooks
 
     torch.manual_seed(cfg.seed)
@@ -275,10 +274,7 @@ def fit(model: nn.Module, data: Dataset, cfg: FitConfig, loss_fn: LossFn,
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:  # before the optimizer: Brevitas replaces its scale Parameters on load
         _restore_modules(saved, model, peers, extra)
-    groups = _param_groups(model, cfg.weight_decay) + [g for p in peers for g in _param_groups(p, cfg.weight_decay)]
-    groups += [{"params": extra, "weight_decay": 0.0}] if extra else []
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15)
+    opt, sched = _optimizer(model, peers, extra, cfg, steps)
     best, best_state, history, first_epoch, first_step, order, sums, elapsed = -1.0, None, [], 1, 0, None, [0, 0, 0.0], 0.0
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])
@@ -302,15 +298,7 @@ def fit(model: nn.Module, data: Dataset, cfg: FitConfig, loss_fn: LossFn,
                 "best": best, "best_state": best_state, "history": history,
                 "elapsed": elapsed + time.perf_counter() - start}
 
-    step_module = _Step(model, peers, loss_fn, extra)
-    train_module = step_module
-    if dd.world() > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        if device.type == "cuda":
-            step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
-        # Brevitas adds 0 * scale while it collects statistics, so every parameter gets a gradient.
-        train_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    step_module, train_module = _step_modules(model, peers, loss_fn, extra, device)
     step_module.s_hooks = FeatureHooks(model, s_layers, "student")
     t_hooks = FeatureHooks(teacher if not cache else None, t_layers, "teacher")
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
@@ -333,28 +321,11 @@ def fit(model: nn.Module, data: Dataset, cfg: FitConfig, loss_fn: LossFn,
                     local = dd.shard(torch.arange(len(batch)))
                     idx, xb, yb = batch[local], xb[local].to(device), y[batch[local]].to(device)
                     share = len(idx) * dd.world() / len(batch)  # DDP averages: weight by this rank's share
-                    if cache:
-                        t_logits, t_feats = cache.get(idx)
-                        t_logits, t_feats = t_logits.to(device), {k: v.to(device) for k, v in t_feats.items()}
-                    elif teacher is not None:
-                        with torch.no_grad(), amp:
-                            t_logits = teacher(xb).float()
-                        t_feats = t_hooks.take()
-                    else:
-                        t_logits, t_feats = None, {}
+                    t_logits, t_feats = _teacher_outputs(cache, teacher, t_hooks, idx, xb, amp)
                     with amp:
                         loss, weighted, logits = train_module(xb, yb, t_logits, t_feats, share)
-                    bad = not torch.isfinite(loss)
-                    if dd.world() > 1:
-                        bad, stop = dd.any_flag(bad, bool(getattr(signals, "received", None)))
-                        if stop and not getattr(signals, "received", None):
-                            signals.received = "a signal on another rank"
-                    if bad:
-                        where = f"epoch {epoch}, step {step + 1}/{steps} of '{cfg.desc}'"
-                        kept = (f"; the last good checkpoint (end of epoch {epoch - 1}) is kept in {checkpoint.path.parent}"
-                                if checkpoint is not None and epoch > 1 else "")
-                        raise EdgekdError(f"the loss became {loss.item()} at {where}{kept}",
-                                          "lower --lr (e.g. half of it) and run again")
+                    _check_loss(loss, signals, f"epoch {epoch}, step {step + 1}/{steps} of '{cfg.desc}'",
+                                checkpoint, epoch)
                     opt.zero_grad(set_to_none=True)
                     weighted.backward()
                     opt.step()
@@ -393,6 +364,58 @@ def fit(model: nn.Module, data: Dataset, cfg: FitConfig, loss_fn: LossFn,
     model.load_state_dict(best_state)
     best_epoch = max(history, key=lambda r: r["val_accuracy"])["epoch"]
     return FitResult(best, best_epoch, history, elapsed + time.perf_counter() - start)
+
+
+def _optimizer(model, peers, extra, cfg: FitConfig, steps: int):
+    """AdamW (weight decay on weights only) with a one-cycle schedule over the whole phase."""
+    groups = _param_groups(model, cfg.weight_decay) + [g for p in peers for g in _param_groups(p, cfg.weight_decay)]
+    groups += [{"params": extra, "weight_decay": 0.0}] if extra else []
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15)
+
+
+def _step_modules(model, peers, loss_fn, extra, device: torch.device):
+    """The step module, and what the loop calls: the same module, or it wrapped in DDP under torchrun."""
+    from . import distributed as dd
+
+    step_module = _Step(model, peers, loss_fn, extra)
+    if dd.world() == 1:
+        return step_module, step_module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if device.type == "cuda":
+        step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
+    # Brevitas adds 0 * scale while it collects statistics, so every parameter gets a gradient.
+    return step_module, DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _teacher_outputs(cache, teacher, t_hooks, idx: torch.Tensor, xb: torch.Tensor, amp):
+    """The teacher's logits and features for a batch: from the cache, or by running it."""
+    if cache:
+        t_logits, t_feats = cache.get(idx)
+        return t_logits.to(xb.device), {k: v.to(xb.device) for k, v in t_feats.items()}
+    if teacher is None:
+        return None, {}
+    with torch.no_grad(), amp:
+        t_logits = teacher(xb).float()
+    return t_logits, t_hooks.take()
+
+
+def _check_loss(loss: torch.Tensor, signals, where: str, checkpoint, epoch: int) -> None:
+    """Stop on a NaN/inf loss. Under torchrun every rank learns whether any rank saw one, or a
+    signal, so that all stop at the same step (a rank that stopped alone would hang the others)."""
+    from . import distributed as dd
+    from .errors import EdgekdError
+
+    bad = not torch.isfinite(loss)
+    if dd.world() > 1:
+        bad, stop = dd.any_flag(bad, bool(getattr(signals, "received", None)))
+        if stop and not getattr(signals, "received", None):
+            signals.received = "a signal on another rank"
+    if bad:
+        kept = (f"; the last good checkpoint (end of epoch {epoch - 1}) is kept in {checkpoint.path.parent}"
+                if checkpoint is not None and epoch > 1 else "")
+        raise EdgekdError(f"the loss became {loss.item()} at {where}{kept}", "lower --lr (e.g. half of it) and run again")
 
 
 def _restore_modules(saved: dict, model, peers, extra) -> None:
