@@ -42,34 +42,11 @@ BITS = [(8, 8), (4, 8), (4, 4), (2, 2)]
 TARGET_RATIO = 0.40
 
 
-def calibrate_float(model: torch.nn.Module, shape, batches: int = 4, batch: int = 8) -> None:
-    """Batch-norm running statistics from random data (cumulative average), so that a randomly
-    initialised network has activations of unit scale rather than vanishing ones."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.randn(batch, *shape))
-    model.eval()
-
-
-def calibrate_quant(q: torch.nn.Module, shape, batches: int = 2, batch: int = 4) -> None:
-    """A few training-mode passes: Brevitas initialises activation scales from their statistics."""
-    q.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            q(torch.randn(batch, *shape))
-    q.eval()
-
-
 def build(name: str, root: Path, target, log) -> list[dict]:
     arch, shape, classes = MODELS[name]
     torch.manual_seed(0)
     fmodel = models.build_model(arch, classes, shape)
-    calibrate_float(fmodel, shape)
+    models.calibrate_batchnorm(fmodel, shape, steps=4, batch=8)
     example = torch.randn(1, *shape)
     cells = []
     fp32 = root / f"{name}-fp32.onnx"
@@ -83,7 +60,7 @@ def build(name: str, root: Path, target, log) -> list[dict]:
         spec = quant.spec_for_target(target, wb, ab)
         started = time.perf_counter()
         q = quant.quantize(fmodel, spec)
-        calibrate_quant(q, shape)
+        models.random_passes(q, shape, steps=2, batch=4)  # activation scales from statistics
         path = root / f"{name}-w{wb}a{ab}.onnx"
         export.export_onnx(q, "qdq", example, path, target.opset)
         log(f"  {name} W{wb}A{ab} (trained as {spec.label}, first/last {spec.first_last_bits}) exported in "

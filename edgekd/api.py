@@ -16,7 +16,7 @@ from typing import Callable
 from . import __version__
 from .errors import EdgekdError, MissingFileError
 from .fsutil import BUNDLES_DIR, RUNS_DIR, atomic_dir, latest, write_json, write_text
-from .options import DEFAULT_STUDENT, DEFAULT_TARGET, DEFAULT_TEACHER, DistillOptions, TrainOptions  # noqa: F401
+from .options import DEFAULT_TEACHER, DistillOptions, TrainOptions
 
 Log = Callable[[str], None]
 # Bumped whenever a built-in architecture changes in a way its weights' shapes do not show
@@ -49,8 +49,9 @@ def _check_device(device: str) -> None:
         raise EdgekdError(f"--device {device}: this PyTorch sees no CUDA GPU", "use --device cpu")
 
 
-def _run_quiet(opts) -> tuple:
-    """(joined a torchrun process group now, whether this process logs) for a training command."""
+def _join_group(opts) -> tuple[bool, bool]:
+    """Check the device and join torchrun's process group, if launched so. Returns (joined it now:
+    the caller shuts it down, this process is rank 0: it logs)."""
     from . import distributed as dd
 
     _check_device(opts.device)
@@ -72,14 +73,13 @@ def train(opts: TrainOptions, out: Path | None = None, log: Log = _quiet, resume
     from .checkpoint import RunCheckpoints, partial_dir
     from .data import load_dataset
 
-    joined, loud = _run_quiet(opts)
+    joined, loud = _join_group(opts)
     log = log if loud else _quiet
     try:
         tr.set_threads()
         data = load_dataset(opts.data, seed=opts.seed)
         model = models.build_model(opts.arch, data.num_classes, data.input_shape)
-        out = Path(out) if out else RUNS_DIR / "teachers" / _slug(TEACHER_CACHE_VERSION, _dataset_name(opts.data), opts.arch,
-                                                                  f"s{opts.seed}", f"e{opts.epochs}")
+        out = Path(out) if out else teacher_dir(opts.data, opts.arch, opts.seed, opts.epochs)
         ckpts = RunCheckpoints(partial_dir(out), _options(opts), resume, log)
         log(f"training {opts.arch} ({models.count_params(model):,} parameters) on {opts.data} for {opts.epochs} epochs"
             + (f" on {dd.world()} processes" if dd.world() > 1 else ""))
@@ -107,6 +107,11 @@ def train(opts: TrainOptions, out: Path | None = None, log: Log = _quiet, resume
 
 
 
+def teacher_dir(data: str, arch: str, seed: int, epochs: int) -> Path:
+    """Where ``train`` keeps a teacher by default, and where ``distill`` looks for one to reuse."""
+    return RUNS_DIR / "teachers" / _slug(TEACHER_CACHE_VERSION, _dataset_name(data), arch, f"s{seed}", f"e{epochs}")
+
+
 def _model_meta(arch: str, data, data_spec: str, seed: int) -> dict:
     return {"arch": arch, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
             "dataset": data_spec, "seed": seed, "classes": data.classes,
@@ -119,7 +124,7 @@ def _epoch_line(what: str, r: dict) -> str:
             f"val acc {r['val_accuracy']:.4f} ({r['seconds']:.0f}s){star}")
 
 
-def resolve_teacher(spec: str | None, data, opts: "DistillOptions", log: Log, resume: bool = False):
+def resolve_teacher(spec: str | None, data, opts: "DistillOptions", log: Log):
     """A teacher model: a checkpoint file, or an architecture trained once and cached."""
     from . import models
 
@@ -132,7 +137,7 @@ def resolve_teacher(spec: str | None, data, opts: "DistillOptions", log: Log, re
     arch = spec or DEFAULT_TEACHER
     topts = TrainOptions(data=opts.data, arch=arch, epochs=opts.teacher_epochs, seed=opts.seed, progress=opts.progress,
                          device=opts.device, amp=opts.amp)
-    path = RUNS_DIR / "teachers" / _slug(TEACHER_CACHE_VERSION, _dataset_name(opts.data), arch, f"s{opts.seed}", f"e{opts.teacher_epochs}") / "model.pt"
+    path = teacher_dir(opts.data, arch, opts.seed, opts.teacher_epochs) / "model.pt"
     if path.is_file():
         log(f"reusing teacher {path}")
     else:
@@ -142,13 +147,13 @@ def resolve_teacher(spec: str | None, data, opts: "DistillOptions", log: Log, re
     return model, meta.get("accuracy"), str(path)
 
 
-def resolve_teachers(opts: "DistillOptions", data, log: Log, resume: bool = False):
+def resolve_teachers(opts: "DistillOptions", data, log: Log):
     """One teacher, or several averaged into a schemes.Ensemble (``teacher_weights``, ``teacher_mix``)."""
     from . import train as tr
     from .schemes import Ensemble
 
     specs = _teacher_specs(opts.teacher)
-    found = [resolve_teacher(spec, data, opts, log, resume) for spec in specs]
+    found = [resolve_teacher(spec, data, opts, log) for spec in specs]
     for model, acc, src in found:
         log(f"teacher {src}: test accuracy {acc if acc is not None else tr.accuracy(model, data.test):.4f}")
     if len(found) == 1 and not opts.teacher_weights:
@@ -246,7 +251,7 @@ def distill(opts: DistillOptions, out: Path | None = None, log: Log = _quiet, re
     state is checkpointed in ``OUT.partial`` after every epoch and on SIGINT/SIGTERM; ``resume``
     continues from it. Under torchrun every rank trains (DDP) and rank 0 writes.
     """
-    joined, loud = _run_quiet(opts)
+    joined, loud = _join_group(opts)
     try:
         return _distill(opts, out, log if loud else _quiet, resume)
     finally:
@@ -279,12 +284,10 @@ def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool) -> 
                  *([opts.scheme] if opts.scheme != "offline" else []))
     out = Path(out) if out else RUNS_DIR / name
     ckpt_opts = _options(replace(opts, order=order))
-    if resume and not (partial_dir(out) / "options.json").is_file():
-        # fail before training a teacher
-        RunCheckpoints(partial_dir(out), ckpt_opts, True)
+    RunCheckpoints.resumable(partial_dir(out), ckpt_opts, resume)  # a --resume that cannot continue fails now
     teacher, teacher_acc, teacher_src = None, None, None
     if (objective.needs_teacher and opts.scheme != "dml") or opts.scheme == "assistant":
-        teacher, teacher_acc, teacher_src = resolve_teachers(opts, data, log, resume)
+        teacher, teacher_acc, teacher_src = resolve_teachers(opts, data, log)
     lines = []
     logf = lambda s: (lines.append(s), log(s))  # noqa: E731
     checkpoints = RunCheckpoints(partial_dir(out), ckpt_opts, resume, logf)

@@ -93,24 +93,7 @@ class RunCheckpoints:
         does so when they match and starts over otherwise, False starts over."""
         self.root, self.count, self.options = Path(root), 0, _plain(options)
         saved_path = self.root / "options.json"
-        if resume == "auto":
-            try:
-                resume = json.loads(saved_path.read_text()) == self.options
-            except (OSError, ValueError):
-                resume = False
-        if resume:
-            if not saved_path.is_file():
-                raise MissingFileError(f"nothing to resume: {self.root} holds no interrupted run",
-                                       "run without --resume to start, or give the --out of the interrupted run")
-            try:
-                saved = json.loads(saved_path.read_text())
-            except (OSError, ValueError):
-                raise CheckpointError(f"{saved_path} is unreadable", "run without --resume to start over") from None
-            diff = [k for k in sorted(set(saved) | set(self.options)) if saved.get(k) != self.options.get(k)]
-            if diff:
-                shown = ", ".join(f"{k} (was {saved.get(k)!r}, now {self.options.get(k)!r})" for k in diff[:3])
-                raise ConfigError(f"--resume with options that differ from the interrupted run's: {shown}",
-                                  "resume with the same options, or run without --resume to start over")
+        if self.resumable(self.root, self.options, resume):
             done = sorted(p.name for p in self.root.glob("phase-*.pt"))
             log(f"resuming from {self.root} ({len(done)} phase checkpoint{'s' * (len(done) != 1)})")
             return
@@ -121,6 +104,32 @@ class RunCheckpoints:
             shutil.rmtree(self.root, ignore_errors=True)
             write_json(saved_path, self.options)
         dd.barrier()
+
+    @staticmethod
+    def resumable(root: Path, options: dict, resume: bool | str) -> bool:
+        """Whether the run under ``root`` will be continued, without writing anything. With
+        ``resume`` True, a missing run or different options raise (name the problem and the fix)."""
+        saved_path, options = Path(root) / "options.json", _plain(options)
+        if resume == "auto":
+            try:
+                return json.loads(saved_path.read_text()) == options
+            except (OSError, ValueError):
+                return False
+        if not resume:
+            return False
+        if not saved_path.is_file():
+            raise MissingFileError(f"nothing to resume: {root} holds no interrupted run",
+                                   "run without --resume to start, or give the --out of the interrupted run")
+        try:
+            saved = json.loads(saved_path.read_text())
+        except (OSError, ValueError):
+            raise CheckpointError(f"{saved_path} is unreadable", "run without --resume to start over") from None
+        diff = [k for k in sorted(set(saved) | set(options)) if saved.get(k) != options.get(k)]
+        if diff:
+            shown = ", ".join(f"{k} (was {saved.get(k)!r}, now {options.get(k)!r})" for k in diff[:3])
+            raise ConfigError(f"--resume with options that differ from the interrupted run's: {shown}",
+                              "resume with the same options, or run without --resume to start over")
+        return True
 
     def phase(self, label: str) -> PhaseCheckpoint:
         self.count += 1
@@ -134,13 +143,15 @@ class RunCheckpoints:
 
 
 class StopSignals:
-    """While active (main thread only), SIGINT and SIGTERM set ``received`` instead of killing the
-    process, so the loop can finish its step and save; a second signal of the same kind while the
-    first is being handled is ignored."""
+    """Within the block (main thread only, and when ``active``), SIGINT and SIGTERM set ``received``
+    instead of killing the process, so the loop can finish its step and save; a second signal of
+    the same kind while the first is being handled is ignored. Inactive, signals keep their
+    handlers and ``received`` stays None."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, active: bool = True) -> None:
+        self.active = active
         self.received: str | None = None
         self._old: dict = {}
 
@@ -148,7 +159,7 @@ class StopSignals:
         self.received = self.received or signal.Signals(signum).name
 
     def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
+        if self.active and threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._old[s] = signal.signal(s, self._handler)
         return self

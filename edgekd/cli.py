@@ -8,7 +8,6 @@ Heavy imports (torch, brevitas) happen inside the commands that need them.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -125,11 +124,12 @@ def _training_opts(f):
 def train(data, arch, epochs, lr, batch_size, seed, out, device, amp, resume, quiet):
     """Train a float model to use as a teacher."""
     from .api import TrainOptions, train as run_train
+    from .distributed import launched_rank
 
     opts = TrainOptions(data=data, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                         progress=not quiet, device=device, amp=amp)
     metrics = run_train(opts, out=out, log=_logger(quiet), resume=resume)
-    if os.environ.get("RANK", "0") != "0":
+    if launched_rank() != 0:  # torchrun: rank 0 reports
         return
     click.echo(f"teacher: {metrics['path']}  test accuracy {metrics['accuracy']:.4f}  "
                f"({metrics['params']:,} parameters, {metrics['seconds']:.0f}s)")
@@ -212,6 +212,7 @@ def distill(data, bits, weight_bits, act_bits, teacher, teacher_weights, teacher
       edgekd distill --config recipe.toml
     """
     from .api import DistillOptions, distill as run_distill
+    from .distributed import launched_rank
 
     w, a = _bits(bits, weight_bits, act_bits)
     flb = None if first_last_bits == "same" else _int_in(first_last_bits, "--first-last-bits")
@@ -235,7 +236,7 @@ def distill(data, bits, weight_bits, act_bits, teacher, teacher_weights, teacher
                 click.echo(f"  {r['name']:<24} {r['type']:<20} {tuple(r['shape'])}")
         return
     m = run_distill(opts, out=out, log=_logger(quiet), resume=resume)
-    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+    if launched_rank() != 0:  # torchrun: rank 0 reports
         return
     teacher_acc = f"{m['teacher_accuracy']:.4f}" if m["teacher_accuracy"] is not None else "-"
     click.echo(f"run: {m['run_dir']}  W{m['weight_bits']}A{m['act_bits']} student accuracy {m['student_accuracy']:.4f} "

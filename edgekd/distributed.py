@@ -39,6 +39,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_rank() -> int:
+    """The rank torchrun gave this process (0 when not launched by torchrun); unlike ``rank()``
+    it still holds after the process group has been shut down (the CLI reports from rank 0)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_from_env(device: str = "cpu") -> bool:
     """Join the process group torchrun describes in the environment. True when this call joined
     it (the caller then calls ``shutdown``); False when not launched by torchrun or already joined."""

@@ -89,6 +89,27 @@ def mlp_student(num_classes: int = 10, in_channels: int = 1, hidden: int = 128, 
                          nn.Linear(hidden, num_classes))
 
 
+def random_passes(model: nn.Module, input_shape, steps: int = 3, batch: int = 16) -> nn.Module:
+    """``steps`` training-mode forward passes on random batches, without gradients; returns the
+    model in eval mode. For checks of untrained models: the passes set batch-norm statistics and
+    the activation scales Brevitas initialises from statistics."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(batch, *input_shape))
+    return model.eval()
+
+
+def calibrate_batchnorm(model: nn.Module, input_shape, steps: int = 3, batch: int = 16) -> nn.Module:
+    """Batch-norm running statistics as the cumulative average over ``steps`` random batches. A
+    randomly initialised network with default statistics has vanishing activations (MobileNetV3's
+    logits ~1e-10), which makes structural and parity checks meaningless."""
+    for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        bn.reset_running_stats()
+        bn.momentum = None
+    return random_passes(model, input_shape, steps, batch)
+
+
 def build_model(spec: str, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
     """Build a float model from a spec string, adapted to the dataset's channels and classes."""
     in_channels = input_shape[0]

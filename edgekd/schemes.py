@@ -116,8 +116,8 @@ def _fit_cfg(run: Run, epochs: int, lr: float, seed: int, desc: str, quantized: 
 
     o = run.opts
     return FitConfig(epochs=epochs, lr=lr, batch_size=o.batch_size, seed=seed, flip=run.data.flip_augment,
-                     progress=o.progress, desc=desc, log=run.log, device=getattr(o, "device", "cpu"),
-                     amp=getattr(o, "amp", False) and not quantized)
+                     progress=o.progress, desc=desc, log=run.log, device=o.device,
+                     amp=o.amp and not quantized)
 
 
 def _epoch_logger(run: Run, label: str, phase: str):

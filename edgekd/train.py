@@ -302,7 +302,7 @@ def fit(model: nn.Module, data: Dataset, cfg: FitConfig, loss_fn: LossFn,
     step_module.s_hooks = FeatureHooks(model, s_layers, "student")
     t_hooks = FeatureHooks(teacher if not cache else None, t_layers, "teacher")
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
-    signals = StopSignals() if checkpoint is not None else nullcontext()
+    signals = StopSignals(active=checkpoint is not None)  # without a checkpoint, Ctrl-C stops at once
     start = time.perf_counter()
     try:
         with signals:
@@ -335,7 +335,7 @@ def fit(model: nn.Module, data: Dataset, cfg: FitConfig, loss_fn: LossFn,
                     sums[2] += float(loss.detach()) * len(yb)
                     bar.set_postfix(loss=f"{sums[2] / sums[0]:.4f}", acc=f"{sums[1] / sums[0]:.3f}")
                     bar.update()
-                    if getattr(signals, "received", None):
+                    if signals.received:
                         bar.close()
                         checkpoint.save(state(epoch, step + 1))
                         raise Interrupted(f"interrupted by {signals.received} at epoch {epoch}, step {step + 1}/{steps} "
@@ -409,8 +409,8 @@ def _check_loss(loss: torch.Tensor, signals, where: str, checkpoint, epoch: int)
 
     bad = not torch.isfinite(loss)
     if dd.world() > 1:
-        bad, stop = dd.any_flag(bad, bool(getattr(signals, "received", None)))
-        if stop and not getattr(signals, "received", None):
+        bad, stop = dd.any_flag(bad, bool(signals.received))
+        if stop and not signals.received:
             signals.received = "a signal on another rank"
     if bad:
         kept = (f"; the last good checkpoint (end of epoch {epoch - 1}) is kept in {checkpoint.path.parent}"

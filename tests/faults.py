@@ -16,6 +16,15 @@ import signal
 import sys
 
 
+def die_halfway(path, data: bytes) -> None:
+    """Write the first half of ``data`` to ``path`` (to disk), then SIGKILL this process."""
+    with open(path, "wb") as out:
+        out.write(data[: len(data) // 2])
+        out.flush()
+        os.fsync(out.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main() -> None:
     fault, n = sys.argv[1], int(sys.argv[2])
     args = sys.argv[sys.argv.index("--") + 1:]
@@ -58,11 +67,7 @@ def main() -> None:
 
             buf = io.BytesIO()
             save(obj, buf, *a, **k)
-            with open(f, "wb") as out:
-                out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-                out.flush()
-                os.fsync(out.fileno())
-            os.kill(os.getpid(), signal.SIGKILL)
+            die_halfway(f, buf.getvalue())
 
         torch.save = patched_save
     elif fault == "kill-onnx":
@@ -73,10 +78,7 @@ def main() -> None:
         def patched_save_model(model, f, *a, **k):
             if not hit():
                 return save_model(model, f, *a, **k)
-            data = model.SerializeToString()
-            with open(f, "wb") as out:
-                out.write(data[: len(data) // 2])
-            os.kill(os.getpid(), signal.SIGKILL)
+            die_halfway(f, model.SerializeToString())
 
         onnx.save_model = onnx.save = patched_save_model
     else:

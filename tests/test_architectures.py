@@ -61,31 +61,12 @@ class Zoo(nn.Module):
         return self.head(x)
 
 
-def calibrate_float(model, shape, steps: int = 3, batch: int = 16):
-    """Batch-norm statistics from random data: a randomly initialised torchvision network with
-    default running statistics has vanishing activations (MobileNetV3's logits ~1e-10)."""
-    for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(steps):
-            model(torch.randn(batch, *shape))
-    return model.eval()
-
-
-def calibrate(q, shape, steps: int = 3, batch: int = 16):
-    q.train()
-    with torch.no_grad():
-        for _ in range(steps):
-            q(torch.randn(batch, *shape))
-    return q.eval()
 
 
 def quantize_export_check(model, shape, bits, tmp_path, n=64):
     torch.manual_seed(0)
-    calibrate_float(model, shape)
-    q = calibrate(quant.quantize(model, quant.QuantSpec(weight_bits=min(bits, 7), act_bits=bits, first_last_bits=7)), shape)
+    models.calibrate_batchnorm(model, shape)
+    q = models.random_passes(quant.quantize(model, quant.QuantSpec(weight_bits=min(bits, 7), act_bits=bits, first_last_bits=7)), shape)
     x = torch.randn(n, *shape)
     with torch.no_grad():
         want = q(x).numpy()

@@ -19,12 +19,7 @@ SHAPE = (1, 8, 8)
 def calibrated(arch: str, spec: quant.QuantSpec, seed: int = 0):
     """A quantized model whose activation scales were set by a few training-mode passes."""
     torch.manual_seed(seed)
-    q = quant.quantize(models.build_model(arch, 10, SHAPE), spec)
-    q.train()
-    with torch.no_grad():
-        for _ in range(4):
-            q(torch.randn(32, *SHAPE))
-    return q.eval()
+    return models.random_passes(quant.quantize(models.build_model(arch, 10, SHAPE), spec), SHAPE, steps=4, batch=32)
 
 
 def spec_at(bits: int, **kw) -> quant.QuantSpec:
