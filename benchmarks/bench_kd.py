@@ -32,7 +32,7 @@ TARGET = 1.25
 
 
 def _data(spec: str, seed: int, limit: int | None):
-    from edgekd.api import _limit
+    from edgekd.pipeline.distill import _limit
     from edgekd.data import load_dataset
 
     data = _limit(load_dataset(spec, seed=seed), limit)
@@ -46,15 +46,18 @@ def _teacher(spec: str | None, data, args):
     if spec is None:
         return models.build_model(api.DEFAULT_TEACHER, data.num_classes, data.input_shape).eval(), "untrained cnn-teacher"
     opts = api.DistillOptions(data=args.data, teacher_epochs=args.teacher_epochs, progress=False)
-    model, _, src = api.resolve_teacher(spec, data, opts, print)
+    from edgekd.pipeline.teachers import resolve_teacher
+
+    model, _, src = resolve_teacher(spec, data, opts, print)
     return model.eval(), src
 
 
 def timing(args) -> dict:
     import torch
 
-    from edgekd import models, quant, train as tr
-    from edgekd.losses import Objective
+    from edgekd import models, quant, training as tr
+    from edgekd.kd.features import Probe
+    from edgekd.kd import Objective
 
     tr.set_threads()
     data = _data(args.data, args.seed, args.train_limit)
@@ -67,7 +70,7 @@ def timing(args) -> dict:
     started = time.perf_counter()
     x, _ = tr.as_tensors(data.train)
     probe_objective = kd()
-    tr._setup_objective(probe_objective, qmodel, teacher, x)
+    probe_objective.setup(Probe(qmodel, teacher, x[:8]))
     cache = tr.build_teacher_cache(teacher, x, probe_objective.teacher_layers)
     cache_seconds = time.perf_counter() - started
     run_data = data

@@ -30,9 +30,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edgekd import catalog, export, models, quant
+from edgekd import catalog, models, quant
+from edgekd.export import onnx as export
 from edgekd.backends import onnxruntime as ortb
-from edgekd.fsutil import write_json
+from edgekd.core.fsutil import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_quant.json"
 MODELS = {"resnet18": ("torchvision:resnet18", (3, 224, 224), 1000),
@@ -74,7 +75,7 @@ def check(cell: dict, shape, samples: int) -> None:
     x = torch.randn(samples, *shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = cell["torch"](x).numpy()
-    got = export.run_artifact("onnxruntime", cell["path"], x.numpy(), threads=2)
+    got = get_backend("onnxruntime").infer(cell["path"], x.numpy(), threads=2)
     fusion = ortb.fusion_report(cell["path"])
     cell.update(float_compute=fusion["float_compute"], quantized_compute=fusion["quantized_compute"],
                 float_ops=fusion["float_ops"], agreement=float((want.argmax(1) == got.argmax(1)).mean()),

@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgekd import bench
 from edgekd.backends.onnxruntime import describe_environment
 from edgekd.catalog import BenchSettings
-from edgekd.fsutil import write_json
+from edgekd.core.fsutil import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_timing.json"
 TARGET = 0.05

@@ -48,15 +48,15 @@ def main() -> None:
 
         torch.optim.AdamW.step = patched_step
     elif fault == "nan":
-        from edgekd import train
+        from edgekd.training import loop as train
 
-        call = train._call_loss
+        call = train.compute_loss
 
         def patched_loss(*a, **k):
             loss, parts = call(*a, **k)
             return (loss * float("nan"), parts) if hit() else (loss, parts)
 
-        train._call_loss = patched_loss
+        train.compute_loss = patched_loss
     elif fault == "kill-save":
         save = torch.save
 

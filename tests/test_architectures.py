@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from edgekd import export, models, onnx_passes, quant
+from edgekd import models, quant
+from edgekd.backends import get_backend
+from edgekd.export import onnx as export, passes as onnx_passes
 from edgekd.backends import onnxruntime as ortb
 
 TORCHVISION = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1",
@@ -76,7 +78,7 @@ def quantize_export_check(model, shape, bits, tmp_path, n=64):
     import onnx
 
     assert onnx_passes.qdq_violations(onnx.load(str(path))) == []
-    got = export.run_artifact("onnxruntime", path, x.numpy())
+    got = get_backend("onnxruntime").infer(path, x.numpy())
     return want, got, ortb.fusion_report(path)
 
 

@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from edgekd import catalog
-from edgekd.backends import BACKENDS, get_runner
+from edgekd.backends import backend_names, get_backend, get_runner
 from edgekd.backends import onnxruntime as ortb
 from edgekd.backends import tensorrt as trtb
-from edgekd.errors import EdgekdError, MissingExtraError
-from edgekd.fsutil import sha256_file
+from edgekd.core.errors import EdgekdError, MissingExtraError
+from edgekd.core.fsutil import sha256_file
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -38,8 +38,8 @@ def _tiny_onnx(path, batch="batch"):
 
 @pytest.mark.parametrize("name", ["onnxruntime", "tensorrt", "qonnx"])
 def test_every_catalog_backend_is_registered(name):
-    assert name in catalog.BACKENDS
-    spec = BACKENDS.get(name)
+    assert name in backend_names()
+    spec = get_backend(name)
     assert spec.extra and spec.package
 
 
@@ -215,7 +215,7 @@ def test_engine_build_run_and_time(tmp_path):
 
 
 def test_int8_cpu_flags_are_read_from_cpuinfo(monkeypatch):
-    from edgekd import backends
+    from edgekd.backends import host as backends
 
     x86 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma avx512f avx512_vnni\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
     arm = "processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\nCPU part\t: 0xd0b\n"
@@ -225,3 +225,58 @@ def test_int8_cpu_flags_are_read_from_cpuinfo(monkeypatch):
     assert backends.int8_cpu_flags() == ["asimddp", "i8mm"]
     monkeypatch.setattr(backends, "_read", lambda path: None)
     assert backends.int8_cpu_flags() is None
+
+
+# --- a backend defined here: one module (this class), one target file, and edgekd exports and benches through it
+
+class _ReferenceBackend:
+    """ONNX Runtime with every graph optimization off, as a separate runtime: the reference semantics of
+    Brevitas's QCDQ graph. Defined in the test to prove that a backend plugs in without touching edgekd."""
+
+    @staticmethod
+    def make():
+        from edgekd.backends import Backend, Compiled, Option
+        from edgekd.backends.onnxruntime import OrtRunner
+
+        class Reference(Backend):
+            name, title, flavours = "reference", "Reference", ("qcdq",)
+            package, extra, purpose = "onnxruntime", "device", "running a reference bundle"
+            options = {"note": Option(str, "a free-text note stored in the manifest")}
+
+            def runner(self):
+                return OrtRunner(level="disabled")
+
+            def compile(self, onnx_path, ctx):
+                copy = onnx_path.with_name("model.ref.onnx")
+                copy.write_bytes(onnx_path.read_bytes())
+                ctx.log("reference: copied the graph unchanged")
+                return Compiled(copy, {"fusion": {"available": False, "reason": "no optimization at all"}})
+
+            def manifest_extras(self, ctx):
+                return {"reference_note": ctx.target.options.get("note", "")}
+
+        return Reference()
+
+
+def test_a_backend_defined_outside_edgekd_exports_and_benches(tiny_run, tmp_path, monkeypatch):
+    from edgekd import api, backends
+
+    backend = _ReferenceBackend.make()
+    monkeypatch.setattr(backends, "_REGISTERED", dict(backends._REGISTERED))
+    backends.register_backend(backend)
+    target = tmp_path / "reference-cpu.toml"
+    target.write_text('backend = "reference"\nflavour = "qcdq"\nweight_bits = [2, 3, 4, 5, 6, 7, 8]\n'
+                      'act_bits = [2, 3, 4, 5, 6, 7, 8]\n[options]\nnote = "plugged in from a test"\n')
+    assert catalog.load_target(str(target)).backend == "reference"
+    with pytest.raises(Exception, match="unknown key 'nte'"):  # options are checked by the backend's schema
+        bad = tmp_path / "bad.toml"
+        bad.write_text(target.read_text().replace("note =", "nte ="))
+        catalog.load_target(str(bad))
+    lines = []
+    manifest = api.export(tiny_run[0], str(target), out=tmp_path / "bundle", log=lines.append)
+    assert manifest["backend"] == "reference" and manifest["model_file"] == "model.ref.onnx"
+    assert manifest["reference_note"] == "plugged in from a test" and "reference: copied the graph unchanged" in lines
+    assert manifest["parity"]["top1_agreement"] >= 0.999
+    [row] = api.bench([tmp_path / "bundle"], iterations=5, min_time_s=0.0, warmup=1, warmup_s=0.0)
+    assert row["status"] == "ok" and row["backend"] == "reference" and row["source"] == "measured"
+    assert row["accuracy"] == pytest.approx(manifest["runtime_accuracy"])

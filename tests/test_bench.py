@@ -23,10 +23,11 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekd import bench, report
+from edgekd import bench
+from edgekd.bench import report
 from edgekd.catalog import BenchSettings, Budgets
 from edgekd.cli import main
-from edgekd.errors import MissingFileError
+from edgekd.core.errors import MissingFileError
 
 CLASSES = ["a", "b", "c"]
 SHAPE = (1, 2, 2)

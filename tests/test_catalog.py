@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from edgekd import catalog
+from edgekd.backends import backend_names, get_backend
 from edgekd.cli import main
-from edgekd.errors import ConfigError, EdgekdError, IncompatibleError, MissingFileError, UnknownNameError
+from edgekd.core.errors import ConfigError, EdgekdError, IncompatibleError, MissingFileError, UnknownNameError
 
 TARGETS = catalog.target_names()
 PROFILES = catalog.profile_names()
@@ -32,12 +33,12 @@ def test_catalog_is_not_empty_and_lives_in_data_dir():
 def test_target_parses_and_is_consistent(name):
     t = catalog.load_target(name)
     assert t.name == name and Path(t.path).stem == name
-    assert t.backend in catalog.BACKENDS
-    assert t.flavour in catalog.FLAVOURS_BY_BACKEND[t.backend]
+    assert t.backend in backend_names()
+    assert t.flavour in get_backend(t.backend).flavours
     for kind in ("weight", "act"):
         assert set(t.accelerated(kind)) <= set(getattr(t, f"{kind}_bits"))
     assert 0 < t.tolerance.min_top1_agreement <= 1
-    assert set(t.options) <= set(catalog.BACKEND_OPTIONS[t.backend])
+    assert set(t.options) <= set(get_backend(t.backend).options)
     json.dumps(catalog.as_dict(t))
 
 
@@ -191,9 +192,11 @@ def test_inconsistent_target_is_rejected(tmp_path, text, needle):
     assert needle in e.value.one_line()
 
 
-def test_first_last_bits_zero_means_same_as_the_rest(tmp_path):
-    t = catalog.load_target(_write(tmp_path, GOOD_TARGET + "[quant]\nfirst_last_bits = 0\n"))
-    assert t.quant.first_last_bits is None
+def test_first_last_bits_same_is_spelled_same_everywhere(tmp_path):
+    t = catalog.load_target(_write(tmp_path, GOOD_TARGET + '[quant]\nfirst_last_bits = "same"\n'))
+    assert t.quant.first_last_bits == "same"
+    with pytest.raises(ConfigError, match="first_last_bits must be between 2 and 8 or 'same', got 0"):
+        catalog.load_target(_write(tmp_path, GOOD_TARGET + "[quant]\nfirst_last_bits = 0\n"))
 
 
 def test_invalid_toml(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from edgekd import data, models
-from edgekd.errors import CheckpointError, ConfigError, MissingFileError, UnknownNameError
+from edgekd.core.errors import CheckpointError, ConfigError, MissingFileError, UnknownNameError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgekd import api
-from edgekd.errors import ParityError
+from edgekd.core.errors import ParityError
 
 MANIFEST_KEYS = {"target", "backend", "format", "weight_bits", "act_bits", "input_shape", "classes", "normalization",
                  "torch_accuracy", "parity", "edgekd_version", "model_file", "files", "input_name"}

@@ -9,9 +9,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from edgekd import export, models, onnx_passes, quant
+from edgekd import models, quant
+from edgekd.backends import get_backend
+from edgekd.export import onnx as export, passes as onnx_passes
 from edgekd.backends import onnxruntime as ortb
-from edgekd.errors import EdgekdError
+from edgekd.core.errors import EdgekdError
 
 SHAPE = (1, 8, 8)
 
@@ -43,7 +45,7 @@ def parity_on_random(model, path, n: int = 128):
     x = torch.randn(n, *SHAPE)
     with torch.no_grad():
         want = model(x).numpy()
-    got = export.run_artifact("onnxruntime", path, x.numpy())
+    got = get_backend("onnxruntime").infer(path, x.numpy())
     return want, got
 
 
@@ -163,7 +165,7 @@ def test_qonnx_has_low_bit_quant_nodes(tmp_path):
     x = np.random.default_rng(0).standard_normal((4, *SHAPE)).astype(np.float32)
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
-    got = export.run_artifact("qonnx", path, x)
+    got = get_backend("qonnx").infer(path, x)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -213,4 +215,4 @@ def test_spec_follows_target_conventions(name, expected):
     spec = quant.spec_for_target(target, 8, 8)
     assert {k: getattr(spec, k) for k in expected} == expected
     assert target.flavour in export.FLAVOURS
-    assert quant.spec_for_target(target, 4, 2, first_last_bits=None).first_last_bits is None
+    assert quant.spec_for_target(target, 4, 2, first_last_bits="same").first_last_bits == "same"

@@ -13,7 +13,7 @@ pytest.importorskip("qonnx")
 
 from edgekd import bench  # noqa: E402
 from edgekd.backends import qonnx as qb  # noqa: E402
-from edgekd.fsutil import sha256_file  # noqa: E402
+from edgekd.core.fsutil import sha256_file  # noqa: E402
 
 QDOMAIN = "qonnx.custom_op.general"
 

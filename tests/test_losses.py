@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from edgekd.errors import ConfigError, UnknownNameError
-from edgekd.features import Feats
-from edgekd.losses import (LOSSES, Objective, attention_map, dkd_parts, fsp_matrix, kd_divergence, make_loss,
+from edgekd.core.errors import ConfigError, UnknownNameError
+from edgekd.kd.features import Feats
+from edgekd.kd import (LOSSES, Objective, attention_map, dkd_parts, fsp_matrix, kd_divergence, make_loss,
                            rkd_angle, rkd_distance)
 
 LOGIT_TERMS = [n for n in LOSSES.names() if not LOSSES.get(n).__dataclass_fields__.get("student")]

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from edgekd import features, models, quant, recipe, schemes, train as tr
+from edgekd import models, quant, training as tr
+from edgekd.kd import features
+from edgekd.pipeline.distill import parse_recipe
+from edgekd.training import schemes
 from edgekd.data import Dataset, Split
-from edgekd.errors import ConfigError, UnknownNameError
-from edgekd.losses import LOSSES, Objective
+from edgekd.core.errors import ConfigError, UnknownNameError
+from edgekd.kd import LOSSES, Objective
 
 
 def _split(n: int, seed: int) -> Split:
@@ -167,7 +170,7 @@ teacher = ["3.relu"]
 
 
 def test_recipe_parses_into_options_and_terms():
-    options, terms = recipe.parse(RECIPE)
+    options, terms = parse_recipe(RECIPE)
     assert options == {"scheme": "offline", "order": "float-first"}
     objective = Objective.from_specs(terms)
     assert [(n, w) for n, w, _ in objective.terms] == [("ce", 1.0), ("dkd", 1.0), ("at", 500.0)]
@@ -185,7 +188,7 @@ def test_recipe_parses_into_options_and_terms():
 ])
 def test_recipe_errors(text, fragment):
     with pytest.raises((ConfigError, UnknownNameError)) as e:
-        recipe.parse(text, "r.toml")
+        parse_recipe(text, "r.toml")
     assert fragment in e.value.message
 
 

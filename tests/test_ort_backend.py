@@ -14,8 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgekd import backends
 from edgekd.backends import onnxruntime as ortb
-from edgekd.errors import EdgekdError, MissingExtraError, MissingFileError, UnknownNameError
-from edgekd.registry import Registry
+from edgekd.core.errors import EdgekdError, MissingExtraError, MissingFileError, UnknownNameError
 
 RNG = np.random.default_rng(0)
 
@@ -184,12 +183,12 @@ def test_describe_environment(tmp_path):
 def test_optional_host_facts_read_when_present(monkeypatch, tmp_path):
     files = {"/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor": "performance",
              "/sys/class/thermal/thermal_zone0/temp": "45500"}
-    monkeypatch.setattr(backends, "_read", lambda path: files.get(path))
+    monkeypatch.setattr(backends.host, "_read", lambda path: files.get(path))
     tool = tmp_path / "vcgencmd"
     tool.write_text("#!/bin/sh\necho throttled=0x50000\n")
     tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    facts = backends._optional_facts()
+    facts = backends.host._optional_facts()
     assert facts["cpu_governor"] == "performance"
     assert facts["temperature_c"] == pytest.approx(45.5)
     assert facts["rpi_throttled"] == "throttled=0x50000"
@@ -199,7 +198,7 @@ def test_optional_host_facts_read_when_present(monkeypatch, tmp_path):
 # --- registry -----------------------------------------------------------------------------------------
 
 def test_registry_maps_onnxruntime_to_runner(tmp_path):
-    assert sorted(backends.BACKENDS.names()) == ["onnxruntime", "qonnx", "tensorrt"]
+    assert sorted(backends.backend_names()) == ["onnxruntime", "qonnx", "tensorrt"]
     runner = backends.get_runner("onnxruntime")
     assert runner is ortb.RUNNER and runner.name == "onnxruntime"
     path, w, b = gemm_model(tmp_path / "m.onnx")
@@ -213,11 +212,16 @@ def test_registry_unknown_and_missing_backends(monkeypatch, tmp_path):
     with pytest.raises(UnknownNameError, match="did you mean 'onnxruntime'"):
         backends.get_runner("onnxruntim")
     # a backend module that exists but whose runtime package is not installed
-    (tmp_path / "edgekd_fake_backend.py").write_text("import edgekd_fake_runtime_xyz\nRUNNER = None\n")
+    (tmp_path / "edgekd_fake_backend.py").write_text(
+        "from edgekd.backends import Backend\n"
+        "class Fake(Backend):\n"
+        "    name, package, extra, purpose = 'fake', 'edgekd_fake_runtime_xyz', 'fake', 'running a fake bundle'\n"
+        "    def runner(self):\n"
+        "        import edgekd_fake_runtime_xyz\n"
+        "BACKEND = Fake()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(backends, "BACKENDS", Registry("backend"))
-    backends.register_backend(backends.BackendSpec("fake", "edgekd_fake_backend", "edgekd_fake_runtime_xyz",
-                                                   "fake", "running a fake bundle"))
+    monkeypatch.setattr(backends, "_REGISTERED", {})
+    backends.register_backend("edgekd_fake_backend", name="fake")
     with pytest.raises(MissingExtraError) as info:
         backends.get_runner("fake")
     assert info.value.one_line() == ("running a fake bundle needs the 'edgekd_fake_runtime_xyz' package, which is "

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from edgekd import models, quant
-from edgekd.errors import ConfigError, EdgekdError
+from edgekd.core.errors import ConfigError, EdgekdError
 
 
 def _bits(model):
@@ -77,7 +77,7 @@ def test_untraceable_model_names_the_module():
 def test_reload_reproduces_outputs(tiny_run):
     from edgekd import api
     from edgekd.data import load_dataset
-    from edgekd.train import accuracy
+    from edgekd.training import accuracy
 
     run_dir, metrics = tiny_run
     model, meta = api.load_student(run_dir)

@@ -14,10 +14,13 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from edgekd import api, bench, report, sweep
+from edgekd import api, bench
+from edgekd.bench import report
+from edgekd.pipeline import deploy, sweep
+from edgekd.pipeline import distill as distill_stage
 from edgekd.catalog import BenchSettings, Budgets
 from edgekd.cli import main
-from edgekd.errors import EdgekdError
+from edgekd.core.errors import EdgekdError
 
 FAST = BenchSettings(threads=1, warmup=1, warmup_s=0.0, iterations=5, min_time_s=0.0, batch_sizes=(1,))
 OPTS = dict(bits=(8, 4), methods=("none",), epochs=1, float_epochs=0, teacher_epochs=1)
@@ -41,8 +44,8 @@ def _forbid_work(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished stage was redone")
 
-    monkeypatch.setattr(api, "distill", boom)
-    monkeypatch.setattr(api, "export", boom)
+    monkeypatch.setattr(distill_stage, "distill", boom)
+    monkeypatch.setattr(deploy, "export", boom)
     monkeypatch.setattr(bench, "bench_bundle", boom)
 
 
@@ -87,7 +90,7 @@ def test_a_failing_cell_does_not_stop_the_others(swept, monkeypatch, tmp_path):
     def export_fails(*a, **k):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(api, "export", export_fails)
+    monkeypatch.setattr(deploy, "export", export_fails)
     out = sweep.run_sweep(sweep.SweepOptions(root=root, **OPTS), settings=FAST)
     ok, failed = out.rows
     assert ok["cell"] == "bits8-none" and ok["status"] == "ok" and ok["best"]

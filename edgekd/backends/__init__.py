@@ -1,41 +1,52 @@
-"""Runtime backends: name -> runner, plus facts about the host every backend reports.
+"""Runtime backends: one module per runtime, each owning everything particular to it.
 
-A *runner* is the object a backend module exposes as ``RUNNER``. Bench talks to it only
-through the ``Runner`` protocol below, so a new runtime plugs in by writing one module and one
-``register_backend`` line; nothing else in edgekd changes.
-
-Backend modules are imported lazily, when a bundle asks for them: ``edgekd bench`` on a
-Raspberry Pi imports onnxruntime and nothing heavier, and a backend whose package is not
-installed fails with a one-line ``pip install 'edgekd[EXTRA]'`` hint instead of an ImportError.
-Registered: ``onnxruntime`` (CPU int8; needs onnxruntime), ``tensorrt`` (engines built and run
-on the device; needs tensorrt + cuda-python, imported when an engine is built or loaded) and
-``qonnx`` (FPGA: qonnx's reference executor, rule checks and a resource estimate; needs qonnx).
+A backend is an object with the ``Backend`` interface below: the export flavours it takes, the
+schema of its target options (the catalog validates ``[options]`` through it), the compile step
+run at export, how export runs the artifact for parity, the manifest fields it adds, how bench
+loads and times a bundle (its ``Runner``), what it reports about the environment, and, where the
+runtime must build on the device itself, ``compile_on_device``. Nothing outside this package
+branches on a backend's name: adding a runtime is one module, one target file and its tests, and
+one ``register_backend`` call (the built-in ones are registered below by module path, so that a
+backend's runtime package is imported only when a bundle asks for it: ``edgekd bench`` on a
+Raspberry Pi imports onnxruntime and nothing heavier, and a missing package fails with a one-line
+``pip install 'edgekd[EXTRA]'`` hint).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-import platform
-import shutil
-import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from ..errors import MissingExtraError
-from ..registry import Registry
+from ..core.errors import EdgekdError, MissingExtraError
+from ..core.registry import unknown
+from .host import host_facts  # noqa: F401  (re-exported: every runner describes the host)
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One target option of a backend: its type, allowed values and what it does."""
+
+    kind: type | tuple
+    help: str
+    choices: tuple = ()
+    lo: float | None = None
+    hi: float | None = None
 
 
 class Runner(Protocol):
-    """What bench needs from a runtime. ``handle`` is the runtime's loaded model (a session)."""
+    """What bench and export need from a runtime. ``handle`` is the runtime's loaded model. A runner
+    that holds device resources (memory, streams) also has ``unload(handle)``: see ``release``."""
 
     name: str
 
-    def load(self, model_path: Path, threads: int = 0) -> Any:
-        """Load the artifact; ``threads`` = 0 lets the runtime choose."""
+    def load(self, model_path: Path, threads: int = 0, options: dict | None = None) -> Any:
+        """Load the artifact; ``threads`` = 0 lets the runtime choose; ``options``: the target's."""
 
     def run(self, handle: Any, x: np.ndarray) -> np.ndarray:
         """Return the first output (logits) for the input batch ``x``."""
@@ -50,128 +61,133 @@ class Runner(Protocol):
         """Runtime version, threads, execution providers; merged with ``host_facts()``."""
 
 
-@dataclass(frozen=True)
-class BackendSpec:
-    """Where a backend lives and what to install when its package is missing."""
+def release(runner: Runner, handle: Any) -> None:
+    """Free what a runner holds for ``handle`` (device memory, streams), where it holds any."""
+    if hasattr(runner, "unload"):
+        runner.unload(handle)
 
+
+@dataclass
+class Compiled:
+    """What a backend's export-time compile step produced: the artifact bench will run, and
+    reports for the manifest (e.g. ``fusion``)."""
+
+    artifact: Path
+    reports: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExportContext:
+    """What the deploy stage hands a backend when it builds a bundle in ``bundle`` (a staging
+    folder whose final name is ``name``): the target, the PyTorch reference logits on the eval
+    samples, the device profiles that list this target, and a log."""
+
+    bundle: Path
     name: str
-    module: str  # import path of the module exposing RUNNER
-    package: str  # the pip package the module needs
-    extra: str  # the edgekd extra that installs it
-    purpose: str  # completes "... needs the 'package' package"
+    target: Any  # catalog.Target
+    reference: np.ndarray
+    profiles: list = field(default_factory=list)  # catalog.Profile objects listing the target
+    log: Log = lambda s: None  # noqa: E731
 
 
-BACKENDS: Registry[BackendSpec] = Registry("backend")
+class Backend:
+    """The interface every backend implements (defaults: a plain ONNX runtime, nothing extra)."""
+
+    name: str = ""
+    title: str = ""  # how people write its name ("ONNX Runtime")
+    builds_on_device: bool = False  # its artifact is built where it runs (``compile_on_device``)
+    flavours: tuple[str, ...] = ()  # export flavours it takes (edgekd.export), preferred first
+    options: dict[str, Option] = {}
+    package: str = ""  # the pip package its runtime needs
+    extra: str = ""  # the edgekd extra that installs it
+    purpose: str = ""  # completes "... needs the 'package' package"
+    estimated: bool = False  # bench reports an estimate from the manifest instead of timing
+    opset_min: int = 13
+
+    def runner(self) -> Runner:
+        """The runtime's Runner (imports the runtime package; missing: MissingExtraError)."""
+        raise NotImplementedError
+
+    def check_run(self, quant: dict, target) -> str | None:
+        """Why a run quantized with ``quant`` (QuantSpec dict) cannot be exported for ``target``."""
+        return None
+
+    def compile(self, onnx_path: Path, ctx: ExportContext) -> Compiled:
+        """The compile step at export, next to ``onnx_path`` in the bundle folder."""
+        return Compiled(onnx_path)
+
+    def infer(self, artifact: Path, x: np.ndarray, options: dict | None = None) -> np.ndarray:
+        """Logits of ``artifact`` on ``x`` for export's parity check (default: its runner)."""
+        from ..bundle import batched_logits
+
+        runner = self.runner()
+        handle = runner.load(artifact, 0, options)
+        try:
+            fixed = runner.input_info(handle)["fixed_batch"]
+            return batched_logits(runner, handle, x, fixed or 256, fixed is not None)
+        finally:
+            release(runner, handle)
+
+    def manifest_extras(self, ctx: ExportContext) -> dict:
+        """Manifest fields particular to this backend."""
+        return {}
+
+    def estimate(self, manifest: dict, profile: str | None) -> dict | None:
+        """For ``estimated`` backends: the speed estimate bench reports for ``profile``."""
+        return None
+
+    def compile_on_device(self, bundle: Path, manifest: dict, profile, log: Log) -> dict:
+        """Build on the device what cannot be built elsewhere (``builds_on_device``); returns the
+        manifest fields to update, with the artifact's parity report under ``parity``."""
+        raise NotImplementedError
+
+    def import_error(self, e: ImportError) -> EdgekdError | None:
+        """A MissingExtraError when ``e`` is this backend's runtime package missing."""
+        if e.name and e.name.split(".")[0] == self.package:
+            return MissingExtraError(self.package, self.extra, self.purpose)
+        return None
 
 
-def register_backend(spec: BackendSpec) -> None:
-    BACKENDS.add(spec.name, spec)
+_BUILTIN = {"onnxruntime": "edgekd.backends.onnxruntime", "tensorrt": "edgekd.backends.tensorrt",
+            "qonnx": "edgekd.backends.qonnx"}
+_REGISTERED: dict[str, Backend | str] = dict(_BUILTIN)
 
 
-register_backend(BackendSpec("onnxruntime", "edgekd.backends.onnxruntime", "onnxruntime", "device",
-                             "running an ONNX Runtime bundle"))
-register_backend(BackendSpec("tensorrt", "edgekd.backends.tensorrt", "tensorrt", "tensorrt",
-                             "building or running a TensorRT engine"))
-register_backend(BackendSpec("qonnx", "edgekd.backends.qonnx", "qonnx", "qonnx",
-                             "executing and checking a QONNX (FPGA) bundle"))
+def register_backend(backend: Backend | str, name: str | None = None) -> None:
+    """Register a Backend instance, or (lazily) the path of a module exposing ``BACKEND``."""
+    key = name or getattr(backend, "name", None)
+    if not key:
+        raise ValueError("a backend needs a name")
+    _REGISTERED[key] = backend
+
+
+def unregister_backend(name: str) -> None:
+    _REGISTERED.pop(name, None)
+
+
+def backend_names() -> list[str]:
+    return list(_REGISTERED)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; unknown names fail with a did-you-mean. Importing a built-in
+    backend's module never imports its runtime package."""
+    entry = _REGISTERED.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise unknown("backend", str(name), list(_REGISTERED))
+    if isinstance(entry, str):
+        entry = importlib.import_module(entry).BACKEND
+        _REGISTERED[name] = entry
+    return entry
 
 
 def get_runner(name: str) -> Runner:
-    """The runner for backend ``name``; unknown names fail with a did-you-mean."""
-    spec = BACKENDS.get(name)
+    """The runner of backend ``name``, its runtime imported now (missing: one-line install hint)."""
+    backend = get_backend(name)
     try:
-        module = importlib.import_module(spec.module)
+        return backend.runner()
     except ImportError as e:
-        if e.name and e.name.split(".")[0] == spec.package:
-            raise MissingExtraError(spec.package, spec.extra, spec.purpose) from None
-        raise
-    return module.RUNNER
-
-
-# --- host facts -----------------------------------------------------------------------------------
-
-def _read(path: str) -> str | None:
-    try:
-        return Path(path).read_text(errors="replace").strip().strip("\x00") or None
-    except OSError:
-        return None
-
-
-def _command(*argv: str) -> str | None:
-    """Output of a diagnostic tool if it is on PATH and answers within 3 s, else None."""
-    if shutil.which(argv[0]) is None:
-        return None
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=3, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if done.returncode != 0:
-        return None
-    return done.stdout.strip() or None
-
-
-def cpu_model() -> str:
-    """CPU name from /proc/cpuinfo ("model name" on x86, "Model" on a Raspberry Pi), the
-    device-tree model on other ARM boards, else what ``platform`` knows."""
-    for line in (_read("/proc/cpuinfo") or "").splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "Model") and value.strip():
-            return value.strip()
-    return _read("/proc/device-tree/model") or platform.processor() or platform.machine()
-
-
-# CPU features that decide int8 speed: x86 VNNI/AMX (u8 x s8 dot products without saturation, and
-# the int8 speed-up over fp32), ARM's dot-product and int8 matrix-multiply extensions.
-INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
-
-
-def int8_cpu_flags() -> list[str] | None:
-    """Which of INT8_CPU_FLAGS /proc/cpuinfo lists (None where it cannot be read)."""
-    text = _read("/proc/cpuinfo")
-    if text is None:
-        return None
-    flags = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    return [f for f in INT8_CPU_FLAGS if f in flags]
-
-
-def host_facts() -> dict:
-    """Facts about the machine that affect timings. Keys that cannot be read are absent.
-
-    ``cpu_count`` is logical CPUs; ``cpus_usable`` those this process may run on (affinity);
-    ``temperature_c`` is thermal zone 0 at the time of the call; ``rpi_throttled`` is the raw
-    ``vcgencmd get_throttled`` answer (0x0 = never throttled since boot).
-    """
-    from .. import __version__
-
-    facts: dict[str, Any] = {
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "edgekd_version": __version__,
-    }
-    if hasattr(os, "sched_getaffinity"):
-        facts["cpus_usable"] = len(os.sched_getaffinity(0))
-    flags = int8_cpu_flags()
-    if flags is not None:
-        facts["cpu_int8_flags"] = flags
-    facts.update(_optional_facts())
-    return facts
-
-
-def _optional_facts() -> dict:
-    found = {
-        "cpu_governor": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
-        "rpi_throttled": _command("vcgencmd", "get_throttled"),
-        "jetson_release": _read("/etc/nv_tegra_release"),
-        "jetson_nvpmodel": _command("nvpmodel", "-q"),
-    }
-    temp = _read("/sys/class/thermal/thermal_zone0/temp")
-    if temp and temp.lstrip("-").isdigit():
-        found["temperature_c"] = int(temp) / 1000.0  # the kernel reports millidegrees Celsius
-    return {k: v for k, v in found.items() if v is not None}
+        error = backend.import_error(e)
+        if error is None:
+            raise
+        raise error from None

@@ -1,31 +1,33 @@
-"""The ONNX Runtime backend: load, optimize, inspect and run an ONNX artifact.
+"""The ONNX Runtime backend: optimize, inspect and run an ONNX artifact, on the host and the device.
 
-Needs only numpy and onnxruntime (never torch). ``fusion_report`` also needs the ``onnx``
-package, imported lazily; on a device without it the report says so instead of failing.
+Needs only numpy and onnxruntime (never torch); onnxruntime itself is imported when a session is
+made, so that the catalog can read this backend's options without it. ``fusion_report`` also
+needs the ``onnx`` package, imported lazily; on a device without it the report says so.
 """
 
 from __future__ import annotations
 
+import importlib
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
-from ..errors import EdgekdError, MissingFileError
-from ..fsutil import atomic_path
-from . import host_facts
+from ..core.errors import EdgekdError, MissingFileError
+from ..core.fsutil import atomic_path
+from . import Backend, Compiled, ExportContext, Option, host_facts
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
-LEVELS = {
-    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
+# ONNX Runtime's graph optimization levels, by the names targets use.
+LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+          "all": "ORT_ENABLE_ALL"}
+
+
+def _ort():
+    return importlib.import_module("onnxruntime")
 
 # Compute nodes that run in floating point vs. in integer arithmetic after ORT's rewrites.
 # Fused* are ORT's float fusions (Conv+activation, MatMul+scale); com.microsoft.nchwc Conv is "Conv".
@@ -39,7 +41,7 @@ def select_providers(requested: Sequence[str] | None = None) -> list[str]:
 
     Raises EdgekdError when none of the requested providers is available.
     """
-    available = ort.get_available_providers()
+    available = _ort().get_available_providers()
     if not requested:
         return list(DEFAULT_PROVIDERS)
     chosen = [p for p in requested if p in available]
@@ -49,14 +51,15 @@ def select_providers(requested: Sequence[str] | None = None) -> list[str]:
     return chosen
 
 
-def _options(threads: int, level: str) -> ort.SessionOptions:
+def _options(threads: int, level: str):
+    ort = _ort()
     if level not in LEVELS:
         raise EdgekdError(f"unknown optimization level {level!r}", f"choose one of: {', '.join(LEVELS)}")
     if threads < 0:
         raise EdgekdError(f"threads must be >= 0, got {threads}", "0 lets ONNX Runtime choose")
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads)
-    so.graph_optimization_level = LEVELS[level]
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     so.log_severity_level = 3  # errors only: keep warnings out of the benchmark's terminal output
     return so
 
@@ -90,7 +93,7 @@ def session_config(model_path) -> dict:
         onnx = sys.modules["onnx"]
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     if meta is None:  # bench (onnx is never imported there) and .ort files: one unoptimized ORT load
-        peek = ort.InferenceSession(str(path), sess_options=_options(1, "disabled"), providers=["CPUExecutionProvider"])
+        peek = _ort().InferenceSession(str(path), sess_options=_options(1, "disabled"), providers=["CPUExecutionProvider"])
         meta = dict(peek.get_modelmeta().custom_metadata_map)
     raw = meta.get(SESSION_CONFIG_KEY)
     return json.loads(raw) if raw else {}
@@ -114,8 +117,7 @@ def with_session_config(model_path, entries: dict) -> Path:
     return Path(model_path)
 
 
-def _session(model_path: Path, so: ort.SessionOptions, providers: Sequence[str] | None,
-             config: dict | None = None) -> ort.InferenceSession:
+def _session(model_path: Path, so, providers: Sequence[str] | None, config: dict | None = None):
     model_path = Path(model_path)
     if not model_path.is_file():
         raise MissingFileError(f"model file not found: {model_path}")
@@ -128,7 +130,7 @@ def _session(model_path: Path, so: ort.SessionOptions, providers: Sequence[str] 
         so.add_session_config_entry(key, str(value))
     chosen = select_providers(providers)
     try:
-        session = ort.InferenceSession(str(model_path), sess_options=so, providers=chosen)
+        session = _ort().InferenceSession(str(model_path), sess_options=so, providers=chosen)
         session._edgekd_config = dict(config)
         return session
     except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, InvalidGraph...)
@@ -137,8 +139,7 @@ def _session(model_path: Path, so: ort.SessionOptions, providers: Sequence[str] 
                           "re-export the bundle with `edgekd export`") from None
 
 
-def make_session(model_path, threads: int = 0, providers: Sequence[str] | None = None,
-                 level: str = "all") -> ort.InferenceSession:
+def make_session(model_path, threads: int = 0, providers: Sequence[str] | None = None, level: str = "all"):
     """An InferenceSession with ``threads`` intra-op threads (0: ORT's default, one per physical
     core), full graph optimization (``level``) and the providers chosen by ``select_providers``."""
     return _session(Path(model_path), _options(threads, level), providers)
@@ -219,7 +220,7 @@ def _summarize_ops(ops: Counter, level: str) -> dict:
     }
 
 
-def input_info(session: ort.InferenceSession) -> dict:
+def input_info(session) -> dict:
     """Name and shape of the first input; ``fixed_batch`` is the batch dimension when it is a
     fixed integer in the graph, None when it is symbolic (any batch size runs)."""
     first = session.get_inputs()[0]
@@ -229,12 +230,12 @@ def input_info(session: ort.InferenceSession) -> dict:
             "type": first.type, "fixed_batch": fixed}
 
 
-def run(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+def run(session, x: np.ndarray) -> np.ndarray:
     """The first output of ``session`` for the input batch ``x`` (fed to the first input)."""
     return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x)})[0]
 
 
-def timed_call(session: ort.InferenceSession, x: np.ndarray):
+def timed_call(session, x: np.ndarray):
     """A zero-argument callable doing one ``session.run`` on ``x``; the feed is built once so the
     timing loop measures the run, not dictionary or array preparation."""
     feed = {session.get_inputs()[0].name: np.ascontiguousarray(x)}
@@ -242,9 +243,10 @@ def timed_call(session: ort.InferenceSession, x: np.ndarray):
     return lambda: run_(None, feed)
 
 
-def describe_environment(session: ort.InferenceSession | None = None) -> dict:
+def describe_environment(session=None) -> dict:
     """Host facts plus the runtime: ORT version, providers available and (with a session) used,
     and ``intra_op_threads`` as configured (0 = ORT's default, one thread per physical core)."""
+    ort = _ort()
     env = host_facts()
     env.update({"runtime": "onnxruntime", "onnxruntime_version": ort.__version__,
                 "providers_available": ort.get_available_providers()})
@@ -252,7 +254,22 @@ def describe_environment(session: ort.InferenceSession | None = None) -> dict:
         env["providers_used"] = session.get_providers()
         env["intra_op_threads"] = session.get_session_options().intra_op_num_threads
         env["session_config"] = getattr(session, "_edgekd_config", {})
+        if getattr(session, "_edgekd_fallback", None):
+            env["fallback"] = session._edgekd_fallback
     return env
+
+
+def providers_for(options: dict | None) -> tuple[list[str], str | None]:
+    """The providers for a target's ``execution_provider`` option: it (then the CPU) when this
+    build offers it; otherwise the CPU, and a sentence saying so (bench puts it in the row)."""
+    requested = (options or {}).get("execution_provider")
+    if not requested or requested == "CPUExecutionProvider":
+        return list(DEFAULT_PROVIDERS), None
+    available = _ort().get_available_providers()
+    if requested in available:
+        return [requested, "CPUExecutionProvider"], None
+    return list(DEFAULT_PROVIDERS), (f"execution provider {requested} is not available in this onnxruntime build "
+                                     f"(available: {', '.join(available)}); ran on CPUExecutionProvider")
 
 
 class OrtRunner:
@@ -260,8 +277,14 @@ class OrtRunner:
 
     name = "onnxruntime"
 
-    def load(self, model_path: Path, threads: int = 0) -> Any:
-        return make_session(model_path, threads=threads)
+    def __init__(self, level: str = "all"):
+        self.level = level
+
+    def load(self, model_path: Path, threads: int = 0, options: dict | None = None) -> Any:
+        providers, fallback = providers_for(options)
+        session = make_session(model_path, threads=threads, providers=providers, level=self.level)
+        session._edgekd_fallback = fallback
+        return session
 
     def run(self, handle: Any, x: np.ndarray) -> np.ndarray:
         return run(handle, x)
@@ -277,3 +300,54 @@ class OrtRunner:
 
 
 RUNNER = OrtRunner()
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime on the CPU (or another execution provider the build offers). Export saves ORT's
+    optimized graph (``model.opt.onnx``) at the target's level with the session config it asks for
+    stored in the file, and, with ``ort_format``, the ORT format file for minimal builds; the
+    manifest gets the fusion report (float Conv/Gemm left after optimization)."""
+
+    name = "onnxruntime"
+    title = "ONNX Runtime"
+    flavours = ("qdq", "qcdq")
+    package, extra, purpose = "onnxruntime", "device", "running an ONNX Runtime bundle"
+    options = {
+        "graph_optimization_level": Option(
+            str, "level of the optimized model export saves in the bundle; the device session applies 'all' "
+            "at load time (Q/DQ -> QLinearConv fusion happens at 'extended' or above)", tuple(LEVELS)),
+        "execution_provider": Option(str, "ONNX Runtime execution provider to run with when the installed build "
+                                     "offers it (default CPUExecutionProvider); otherwise the CPU, said in the row"),
+        "x64_exact_int8": Option(bool, "store session.x64quantprecision=1 in the model: exact int8 accumulation "
+                                 "(U8U8 kernels) on x86 CPUs without VNNI, as ARM's dot-product kernels compute; "
+                                 "no effect on ARM"),
+        "ort_format": Option(bool, "also convert to ORT format (model.ort, what minimal/mobile ORT builds load); "
+                             "the bundle then runs model.ort"),
+        "ort_platform": Option(str, "platform the ORT format file is for (sets session.qdqisint8allowed)",
+                               ("arm64", "x86_64")),
+    }
+
+    def runner(self) -> OrtRunner:
+        _ort()
+        return RUNNER
+
+    def compile(self, onnx_path: Path, ctx: ExportContext) -> Compiled:
+        opts, bundle = ctx.target.options, onnx_path.parent
+        level = opts.get("graph_optimization_level", "basic")
+        artifact = optimize(onnx_path, bundle / "model.opt.onnx", level=level)
+        if opts.get("x64_exact_int8"):
+            with_session_config(artifact, X64_EXACT_INT8)
+            ctx.log("session config stored in the model: session.x64quantprecision=1 (exact int8 accumulation on "
+                    "x86 CPUs without VNNI, as ARM's dot-product kernels compute; no effect on ARM)")
+        fusion = fusion_report(artifact)
+        if opts.get("ort_format"):
+            platform = opts.get("ort_platform", "arm64")
+            artifact = to_ort_format(artifact, bundle / "model.ort", platform=platform, level=level)
+            ctx.log(f"converted to ORT format for {platform}: {artifact.name}")
+        return Compiled(Path(artifact), {"fusion": fusion})
+
+    def manifest_extras(self, ctx: ExportContext) -> dict:
+        return {"session_config": session_config(ctx.bundle / "model.opt.onnx")}
+
+
+BACKEND = OnnxRuntimeBackend()

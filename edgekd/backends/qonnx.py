@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EdgekdError, MissingExtraError
-from . import host_facts
+from ..core.errors import EdgekdError, MissingExtraError
+from . import Backend, Compiled, ExportContext, Option, host_facts
 
 EXEC_BATCH = 500  # samples per execute_onnx call (the executor needs a fixed batch in the graph)
 BRAM_36K_BITS = 36 * 1024
@@ -311,3 +311,76 @@ class QonnxRunner:
 
 
 RUNNER = QonnxRunner()
+
+
+# --- the backend ---------------------------------------------------------------------------------
+
+def bits_of(path: Path) -> tuple[int, int]:
+    """(weight bits, activation bits) of the widest-used inner layers: the most common widths among
+    the Quant nodes on weights and on activations."""
+    from collections import Counter
+
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    model = ModelWrapper(str(path))
+    counts = {True: Counter(), False: Counter()}
+    for node in model.get_nodes_by_op_type("Quant"):
+        bits = model.get_initializer(node.input[3])
+        if bits is not None and bits.size == 1 and int(bits) <= 8:  # > 8: an int32 bias
+            counts[model.get_initializer(node.input[0]) is not None][int(bits)] += 1
+    w = counts[True].most_common(1)[0][0] if counts[True] else 8
+    a = counts[False].most_common(1)[0][0] if counts[False] else 8
+    return w, a
+
+
+class QonnxBackend(Backend):
+    """FPGA toolflows (FINN, hls4ml) through QONNX. Export checks the file against the toolflow's
+    input rules (errors stop the export) and adds, for every FPGA profile listing the target, a
+    resource estimate; bench reports that estimate (``source: estimated``), never host timings."""
+
+    name = "qonnx"
+    title = "QONNX"
+    flavours = ("qonnx",)
+    package, extra, purpose = "qonnx", "qonnx", "executing and checking a QONNX (FPGA) bundle"
+    estimated = True
+    opset_min = 11
+    options = {
+        "cleanup": Option(bool, "run qonnx.util.cleanup (shape inference, constant folding) on export"),
+        "toolflow": Option(str, "the FPGA compiler the QONNX file is meant for", ("finn", "hls4ml")),
+    }
+
+    def runner(self) -> QonnxRunner:
+        _require()
+        return RUNNER
+
+    def infer(self, artifact: Path, x: np.ndarray, options: dict | None = None) -> np.ndarray:
+        return run(artifact, x)
+
+    def compile(self, onnx_path: Path, ctx: ExportContext) -> Compiled:
+        toolflow = ctx.target.options.get("toolflow", "finn")
+        errors = [f["message"] for f in check_rules(onnx_path, toolflow) if f["level"] == "error"]
+        if errors:
+            raise EdgekdError(f"the QONNX export does not meet {toolflow}'s input rules: " + "; ".join(errors[:6])
+                              + (f" (and {len(errors) - 6} more)" if len(errors) > 6 else ""),
+                              "distill with the same --target so that training uses its conventions")
+        return Compiled(onnx_path)
+
+    def manifest_extras(self, ctx: ExportContext) -> dict:
+        path, toolflow = ctx.bundle / "model.onnx", ctx.target.options.get("toolflow", "finn")
+        cost = inference_cost(path)
+        estimates = {p.name: estimate(cost, p.hardware["fpga"], *bits_of(path))
+                     for p in ctx.profiles if p.hardware.get("fpga")}
+        for name, est in estimates.items():
+            ctx.log(f"estimated on {name}: {est['bram_36k']} BRAM36 for {est['weight_kib']:.1f} KiB of weights, "
+                    f"{est['mac_lanes']} {est['mac_lane'].upper()} MAC lanes, ~{est['latency_ms'] or 0:.4f} ms/image "
+                    "(a heuristic, not a synthesis report)")
+        return {"toolflow": toolflow, "source": "estimated", "rule_findings": check_rules(path, toolflow),
+                "inference_cost": {k: v for k, v in cost.items() if k != "by_op"}, "fpga_estimates": estimates}
+
+    def estimate(self, manifest: dict, profile: str | None) -> dict | None:
+        estimates = manifest.get("fpga_estimates") or {}
+        name = profile if profile in estimates else (None if profile else next(iter(estimates), None))
+        return dict(estimates[name], profile=name) if name is not None else None
+
+
+BACKEND = QonnxBackend()

@@ -1,0 +1,183 @@
+"""A bundle: what ``edgekd export`` writes and ``edgekd bench`` reads, and how its files are checked.
+
+A bundle folder holds the model artifact, ``manifest.json`` (the contract: target, backend, bits,
+input shape, classes, normalization, accuracies, parity, and a sha256 per file), ``eval.npz``
+(preprocessed samples and labels, so accuracy is measured on the device without torch) and what
+the backend adds. This module is the one place that reads and verifies bundles, runs all of an
+array through a runtime in batches, and compares a runtime's logits with PyTorch's (parity).
+Needs only numpy: it runs on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .core.errors import EdgekdError, MissingFileError, ParityError
+from .core.fsutil import BUNDLES_DIR, latest, sha256_file
+
+REQUIRED_KEYS = ("target", "backend", "format", "model_file", "weight_bits", "act_bits", "input_shape",
+                 "input_name", "classes", "normalization", "torch_accuracy", "parity", "files",
+                 "edgekd_version")
+
+
+class BundleError(EdgekdError):
+    """A bundle that is incomplete, corrupt, or modified after export."""
+
+
+@dataclass
+class Bundle:
+    """A verified bundle: manifest, the model file to run, and the eval samples."""
+
+    path: Path
+    name: str
+    manifest: dict
+    model_path: Path
+    x: np.ndarray
+    y: np.ndarray
+
+
+def resolve_bundles(paths: Sequence[str | Path]) -> list[Path]:
+    """The bundle directories to bench: those given (a manifest.json path counts as its folder),
+    else the most recent one under ``bundles/``. Paths that do not exist are a user error."""
+    if not paths:
+        found = latest(BUNDLES_DIR, "manifest.json")
+        if found is None:
+            raise MissingFileError(f"no bundle found under {BUNDLES_DIR}/",
+                                   "run `edgekd export` first, or pass a bundle directory")
+        return [found]
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise MissingFileError(f"no such bundle: {', '.join(missing)}", "pass directories written by `edgekd export`")
+    return [Path(p).parent if Path(p).name == "manifest.json" else Path(p) for p in paths]
+
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json of bundle ``path`` with every required key present."""
+    file = path / "manifest.json"
+    if not file.is_file():
+        raise BundleError(f"not a bundle: {path} has no manifest.json", "pass a directory written by `edgekd export`")
+    try:
+        manifest = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"corrupt bundle: {file} is not valid JSON ({e})", "re-export the bundle") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"corrupt bundle: {file} is not a JSON object", "re-export the bundle")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"incomplete bundle: {file} lacks {', '.join(missing)}", "re-export the bundle")
+    _check_manifest_types(manifest, file)
+    return manifest
+
+
+def _plain_name(name) -> bool:
+    """A file name inside the bundle folder (no directories, no '..', not absolute)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+
+
+def _check_manifest_types(manifest: dict, file: Path) -> None:
+    problems = []
+    if not _plain_name(manifest["model_file"]):
+        problems.append(f"model_file {manifest['model_file']!r} is not a file name inside the bundle")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(_plain_name(k) and isinstance(v, str) for k, v in files.items()):
+        problems.append("files must map file names inside the bundle to sha256 hex digests")
+    shape = manifest["input_shape"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
+        problems.append(f"input_shape must be a list of positive integers, got {shape!r}")
+    if not isinstance(manifest["classes"], list) or not manifest["classes"]:
+        problems.append("classes must be a non-empty list")
+    if problems:
+        raise BundleError(f"corrupt bundle: {file}: {'; '.join(problems)}", "re-export the bundle")
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Every file in manifest ``files`` exists with the recorded sha256; the model file and
+    eval.npz must be among them. Raises BundleError naming every mismatch at once."""
+    files = manifest["files"]
+    problems = [f"{name} is not listed in manifest 'files'" for name in (manifest["model_file"], "eval.npz")
+                if name not in files]
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(file) != digest:
+            problems.append(f"{name} sha256 differs from the manifest")
+    if problems:
+        raise BundleError(f"bundle {path} was modified after export or is incomplete: {'; '.join(problems)}",
+                          "re-export it with `edgekd export`")
+
+
+def load_eval(path: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
+    """eval.npz's ``x`` (float32, N x input_shape) and ``y`` (int64, N), checked against the manifest."""
+    try:
+        with np.load(path / "eval.npz", allow_pickle=False) as data:
+            x, y = np.ascontiguousarray(data["x"], dtype=np.float32), np.asarray(data["y"], dtype=np.int64)
+    except (OSError, ValueError, KeyError) as e:
+        raise BundleError(f"corrupt bundle: cannot read x and y from {path / 'eval.npz'} ({e})") from None
+    shape = tuple(manifest["input_shape"])
+    if x.ndim != len(shape) + 1 or x.shape[1:] != shape or y.shape != (len(x),) or len(x) == 0:
+        raise BundleError(f"eval.npz holds x {list(x.shape)} and y {list(y.shape)}, expected "
+                          f"x [N, {', '.join(map(str, shape))}] and y [N] with N > 0")
+    return x, y
+
+
+def load_bundle(path: Path, manifest: dict | None = None) -> Bundle:
+    """Read and verify a bundle: manifest keys (unless ``manifest`` was read already), file
+    hashes, eval arrays."""
+    path = Path(path)
+    manifest = manifest if manifest is not None else read_manifest(path)
+    verify_files(path, manifest)
+    x, y = load_eval(path, manifest)
+    name = str(manifest.get("name") or path.name)
+    return Bundle(path, name, manifest, path / manifest["model_file"], x, y)
+
+
+def file_hashes(directory: Path, skip=("manifest.json",)) -> dict:
+    return {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name not in skip}
+
+
+# --- running and comparing ------------------------------------------------------------------------
+
+def batched_logits(runner, handle, x: np.ndarray, batch: int, fixed: bool) -> np.ndarray:
+    """Run all of ``x`` through the runtime ``batch`` samples at a time. With a ``fixed`` batch
+    dimension the last chunk is padded by repeating samples and the padding dropped."""
+    outputs = []
+    for i in range(0, len(x), batch):
+        chunk = x[i:i + batch]
+        n = len(chunk)
+        if fixed and n < batch:
+            chunk = np.resize(chunk, (batch,) + chunk.shape[1:])
+        outputs.append(np.asarray(runner.run(handle, chunk))[:n])
+    return np.concatenate(outputs)
+
+
+def parity(reference: np.ndarray, runtime: np.ndarray, labels: np.ndarray) -> dict:
+    """Agreement of the runtime's logits with PyTorch's on the same samples."""
+    agree = reference.argmax(1) == runtime.argmax(1)
+    return {"n": int(len(labels)), "top1_agreement": float(agree.mean()),
+            "max_abs_diff": float(np.abs(reference - runtime).max()),
+            "mean_abs_diff": float(np.abs(reference - runtime).mean()),
+            "runtime_accuracy": float((runtime.argmax(1) == labels).mean()),
+            "torch_accuracy": float((reference.argmax(1) == labels).mean()),
+            "disagreements": int((~agree).sum())}
+
+
+def check_parity(report: dict, tolerance, where: str) -> None:
+    """Raise one ParityError listing every bound the artifact misses."""
+    misses = []
+    if not math.isfinite(report["max_abs_diff"]):
+        misses.append("the runtime's logits are not all finite")
+    if report["top1_agreement"] < tolerance.min_top1_agreement:
+        misses.append(f"top-1 agreement {report['top1_agreement']:.4f} < {tolerance.min_top1_agreement}")
+    if tolerance.max_abs_diff is not None and report["max_abs_diff"] > tolerance.max_abs_diff:
+        misses.append(f"max abs diff {report['max_abs_diff']:.3g} > {tolerance.max_abs_diff}")
+    if misses:
+        raise ParityError(f"{where} does not match the PyTorch model on {report['n']} test samples: "
+                          + "; ".join(misses), "retrain with the "
+                          "target's conventions (distill --target)")

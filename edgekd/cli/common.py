@@ -1,0 +1,100 @@
+"""What the commands share: log lines, and click options built from the one options table.
+
+``flag(name)`` makes a click option from ``edgekd.config.options.OPTIONS``: its spelling, default,
+help and bounds come from the table, and the table's ``check`` words every bad value, so a bound is
+checked once and worded once for the CLI, recipes, profiles and the Python API.
+"""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from ..config import options as op
+from ..core.errors import EdgekdError
+
+
+def log(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def logger(quiet: bool):
+    """Log lines go to stderr; with --quiet only warnings do."""
+    return (lambda s: log(s) if s.startswith("warning") else None) if quiet else log
+
+
+def _checked(name: str):
+    """A click callback checking the parsed value against the table (an EdgekdError: one line)."""
+    def callback(ctx, param, value):
+        if value is None or (param.multiple and not value):
+            return value
+        return op.check(name, list(value) if param.multiple else value, param.opts[0])
+    return callback
+
+
+def flag(name: str, *decls: str, **overrides):
+    """A click option for table entry ``name``; ``decls``: extra spellings such as ``-T``, or, when one
+    starts with ``--``, the spellings to use instead of the table's (``--warmup-time``)."""
+    o = op.OPTIONS[name]
+    kinds = o.kind if isinstance(o.kind, tuple) else (o.kind,)
+    kind = float if float in kinds else int if int in kinds else str
+    settings = dict(default=o.default, show_default=o.default is not None, type=kind, help=o.help,
+                    metavar=o.metavar, callback=_checked(name))
+    if o.choices:
+        settings["type"] = click.Choice([str(c) for c in o.choices])
+    settings.update(overrides)
+    spellings = decls if any(d.startswith("--") for d in decls) else (o.flag, *decls)
+    return click.option(*spellings, name, **settings)
+
+
+def first_last_bits(text: str) -> int | str:
+    """--first-last-bits: 'same' or an integer from the table's bit range (ASCII digits only)."""
+    value = text if text == op.SAME else int(text) if re.fullmatch(r"[0-9]{1,3}", text) else text
+    return op.check("first_last_bits", value)
+
+
+def bits(bits_: int, weight_bits: int | None, act_bits: int | None) -> tuple[int, int]:
+    """--bits sets both; --weight-bits / --act-bits override one side (each checked under its name)."""
+    return (weight_bits if weight_bits is not None else bits_), (act_bits if act_bits is not None else bits_)
+
+
+def bit_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        values = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise EdgekdError(f"--bit-schedule takes comma-separated integers, got {text!r}", "e.g. --bit-schedule 8,4") \
+            from None
+    return op.check("bit_schedule", values, "--bit-schedule")
+
+
+def params(items) -> dict:
+    """--param KEY=VALUE pairs; values parse as TOML (numbers, strings, lists), else stay strings."""
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EdgekdError(f"--param takes KEY=VALUE, got {item!r}", "e.g. --param beta=8")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+data_opt = flag("data")
+seed_opt = flag("seed")
+quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines.")
+
+
+def training_opts(f):
+    """--device, --amp and --resume, shared by train and distill."""
+    f = click.option("--resume", is_flag=True,
+                     help="Continue the interrupted run with the same options and --out from its checkpoint "
+                          "(OUT.partial, written every epoch and on Ctrl-C / SIGTERM).")(f)
+    f = click.option("--amp", is_flag=True, help=op.OPTIONS["amp"].help)(f)
+    return flag("device")(f)

@@ -1,0 +1,114 @@
+"""``edgekd train`` and ``edgekd distill``: parse, call the pipeline, print one summary line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..config import options as op
+from . import common as c
+from .app import main
+
+
+@main.command()
+@c.data_opt
+@c.flag("arch")
+@c.flag("epochs", default=op.default("teacher_epochs"), help="Epochs.")
+@c.flag("lr")
+@c.flag("batch_size")
+@c.seed_opt
+@click.option("--out", type=click.Path(path_type=Path), help="Output directory (default runs/teachers/NAME).")
+@c.training_opts
+@c.quiet_opt
+def train(data, arch, epochs, lr, batch_size, seed, out, device, amp, resume, quiet):
+    """Train a float model to use as a teacher."""
+    from ..api import TrainOptions, train as run_train
+    from ..training.distributed import launched_rank
+
+    opts = TrainOptions(data=data, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                        progress=not quiet, device=device, amp=amp)
+    metrics = run_train(opts, out=out, log=c.logger(quiet), resume=resume)
+    if launched_rank() != 0:  # torchrun: rank 0 reports
+        return
+    click.echo(f"teacher: {metrics['path']}  test accuracy {metrics['accuracy']:.4f}  "
+               f"({metrics['params']:,} parameters, {metrics['seconds']:.0f}s)")
+
+
+def _distill_options(f):
+    """The options of ``distill`` (all but the common ones), from the options table."""
+    for decorator in reversed([
+        c.data_opt, c.flag("bits"), c.flag("weight_bits", default=None, show_default=False),
+        c.flag("act_bits", default=None, show_default=False),
+        click.option("--teacher", multiple=True, help=op.OPTIONS["teacher"].help),
+        click.option("--teacher-weight", "teacher_weights", multiple=True, type=float,
+                     help="Weight of each --teacher in the ensemble (repeat, same order) [default: equal]."),
+        c.flag("teacher_mix"), c.flag("student"), c.flag("target"), c.flag("method"),
+        click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+                     help="A hyper-parameter of --method, e.g. --param beta=8 for dkd, --param student=5 for fitnet "
+                          "(repeatable; values are TOML: 8, 0.5, \"5\", [\"5\",\"8\"])."),
+        click.option("--config", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.toml",
+                     help=op.OPTIONS["config"].help + " Options given here that differ from their defaults override "
+                          "the file."),
+        c.flag("temperature", "-T"), c.flag("alpha"), c.flag("scheme"), c.flag("order"),
+        c.flag("epochs"), c.flag("float_epochs"), c.flag("teacher_epochs"), c.flag("generations"), c.flag("peers"),
+        click.option("--assistant", "assistants", multiple=True, help=op.OPTIONS["assistants"].help),
+        c.flag("assistant_epochs"),
+        click.option("--bit-schedule", metavar="B,B,...", help=op.OPTIONS["bit_schedule"].help),
+        click.option("--flip/--no-flip", default=None,
+                     help="Random horizontal flips [default: the dataset's]. Off, the teacher's outputs are cached."),
+        click.option("--no-cache", is_flag=True, help="Run the teacher on every batch even when its outputs "
+                                                       "could be cached."),
+        c.flag("lr"), c.flag("batch_size"),
+        click.option("--first-last-bits", default=str(op.default("first_last_bits")), show_default=True,
+                     help=op.OPTIONS["first_last_bits"].help),
+        c.seed_opt,
+        click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/NAME)."),
+        click.option("--list-layers", is_flag=True, help="Print the layer names feature terms can use, and exit."),
+        c.training_opts, c.quiet_opt]):
+        f = decorator(f)
+    return f
+
+
+@main.command()
+@_distill_options
+def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first_last_bits, bit_schedule, assistants,
+            no_cache, out, list_layers, resume, quiet, **kw):
+    """Train a quantized student by knowledge distillation (Brevitas QAT at 2..8 bits).
+
+    \b
+    Examples:
+      edgekd distill --bits 4 --method dkd --param beta=8
+      edgekd distill --bits 4 --method fitnet --param 'student=["8"]' --param 'teacher=["5.relu"]'
+      edgekd distill --bits 2 --scheme progressive
+      edgekd distill --config recipe.toml
+    """
+    from ..api import DistillOptions, distill as run_distill
+    from ..training.distributed import launched_rank
+
+    w, a = c.bits(bits, weight_bits, act_bits)
+    teachers = list(teacher)
+    config = kw.pop("config")
+    opts = DistillOptions(**kw, teacher=teachers[0] if len(teachers) == 1 else (teachers or None), weight_bits=w,
+                          act_bits=a, params=c.params(params), config=str(config) if config else None,
+                          teacher_weights=op.check("teacher_weights", list(teacher_weights) or None, "--teacher-weight"),
+                          assistants=list(assistants) or ["resnet-student"], bit_schedule=c.bit_list(bit_schedule),
+                          cache=not no_cache, first_last_bits=c.first_last_bits(first_last_bits),
+                          progress=not quiet)
+    if list_layers:
+        return _print_layers(opts)
+    m = run_distill(opts, out=out, log=c.logger(quiet), resume=resume)
+    if launched_rank() != 0:  # torchrun: rank 0 reports
+        return
+    teacher_acc = f"{m['teacher_accuracy']:.4f}" if m["teacher_accuracy"] is not None else "-"
+    click.echo(f"run: {m['run_dir']}  W{m['weight_bits']}A{m['act_bits']} student accuracy {m['student_accuracy']:.4f} "
+               f"(fake-quant, PyTorch, test split)  teacher {teacher_acc}  {m['seconds']:.0f}s")
+
+
+def _print_layers(opts) -> None:
+    from ..api import list_layers as layers
+
+    for role, rows in layers(opts).items():
+        click.echo(f"{role} layers:")
+        for r in rows:
+            click.echo(f"  {r['name']:<24} {r['type']:<20} {tuple(r['shape'])}")

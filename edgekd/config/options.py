@@ -1,0 +1,254 @@
+"""Every option of the commands in one table: default, type, bounds and help, checked and worded once.
+
+The CLI builds its flags from ``OPTIONS`` (``edgekd.cli.common.flag``), recipe files and the Python
+API check values with ``check``, and the catalog takes its bit range from here. A bound is therefore
+stated in one place and its error reads the same everywhere, only the spelling of the name changes
+(``--weight-bits`` on the command line, ``weight_bits`` in a TOML file).
+
+``TrainOptions`` and ``DistillOptions`` are the options of ``train`` and ``distill`` as dataclasses
+whose defaults come from the table; ``validate`` checks every field of one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..core.errors import ConfigError
+
+MIN_BITS, MAX_BITS = 2, 8  # what edgekd trains
+SAME = "same"  # first/last layers at the same bits as the rest: the one spelling, everywhere
+DEFAULT_TEACHER = "cnn-teacher"
+DEFAULT_STUDENT = "cnn-student"
+DEFAULT_TARGET = "onnxruntime-cpu"
+MAX_LOSS_TERMS = 64  # a recipe with more terms is refused (each term runs on every step)
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One option: its default, its type, its bounds and what it does."""
+
+    name: str
+    default: Any
+    kind: type | tuple
+    help: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is not allowed
+    choices: tuple = ()
+    nullable: bool = False  # None is allowed (means "derived", see help)
+    metavar: str | None = None
+    item: dict | None = None  # lists: the kind and bounds of every element (as for an Opt)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def bound_text(self, typed: bool = False) -> str:
+        """'between 2 and 8', '>= 0', 'one of a, b'; ``typed`` adds the kind ('an integer between ...')."""
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        kind = next(text for types, text in _KIND_TEXT if set(types) & set(kinds))
+        if self.lo is not None and self.hi is not None:
+            bound = f"between {self.lo:g} and {self.hi:g}"
+        elif self.lo is not None:
+            bound = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            return kind
+        return f"{kind} {bound}" if typed else bound
+
+
+_NUM = (int, float)
+_KIND_TEXT = (((float,), "a number"), ((int,), "an integer"), ((bool,), "true or false"), ((str,), "a string"),
+              ((list, tuple), "a list"), ((dict,), "a table"))
+
+OPTIONS: dict[str, Opt] = {o.name: o for o in [
+    # --- what to train on and with ---
+    Opt("data", "digits", str, "Dataset: digits, fashion-mnist[:DIR] or npz:FILE."),
+    Opt("teacher", None, (str, list), "Teacher: an edgekd checkpoint file, ARCH=WEIGHTS, or an architecture "
+        "to train once and reuse [default: cnn-teacher]. Repeat for a multi-teacher ensemble.", nullable=True),
+    Opt("student", DEFAULT_STUDENT, str, "Student: a built-in name, torchvision:NAME or module:callable "
+        "(must trace with torch.fx)."),
+    Opt("arch", DEFAULT_TEACHER, str, "Architecture: a built-in name, torchvision:NAME or module:callable."),
+    Opt("target", DEFAULT_TARGET, str, "Target whose quantizer conventions the student is trained with "
+        "(name, alias or .toml)."),
+    # --- quantization ---
+    Opt("bits", 8, int, "Weight and activation bits.", lo=MIN_BITS, hi=MAX_BITS),
+    Opt("weight_bits", 8, int, "Weight bits, overriding --bits.", lo=MIN_BITS, hi=MAX_BITS),
+    Opt("act_bits", 8, int, "Activation bits, overriding --bits.", lo=MIN_BITS, hi=MAX_BITS),
+    Opt("first_last_bits", 8, (int, str), "Weight bits of the first and last layers, or 'same' to use "
+        "--weight-bits.", lo=MIN_BITS, hi=MAX_BITS),
+    # --- distillation ---
+    Opt("method", "hinton", str, "Distillation method (paper defaults; see README): hinton [default], kd, mse, "
+        "dkd, tfkd, fitnet, at, rkd, fsp, or none (QAT only). Ignored with a --config recipe that lists "
+        "[[loss]] terms."),
+    Opt("temperature", 4.0, _NUM, "KD temperature T (hinton).", lo=0, lo_open=True),
+    Opt("alpha", 0.9, _NUM, "Weight of the KD term, 1-alpha on labels (hinton).", lo=0, hi=1),
+    Opt("scheme", "offline", str, "offline: a fixed teacher; born-again: each generation taught by the previous "
+        "student; dml: mutual learning with float peers; assistant: teacher -> assistant(s) -> student; "
+        "progressive: bit schedule 8 -> 4 -> 2, each stage distilled from the last.",
+        choices=("offline", "born-again", "dml", "assistant", "progressive")),
+    Opt("order", None, str, "joint: KD and QAT together from the first step (no float phase); float-first: "
+        "float KD for --float-epochs, then QAT with KD. [default: float-first if --float-epochs > 0, else joint]",
+        choices=("joint", "float-first"), nullable=True),
+    Opt("teacher_weights", None, list, "Weight of each --teacher in the ensemble [default: equal].", nullable=True,
+        item=dict(kind=_NUM, lo=0)),
+    Opt("teacher_mix", "probs", str, "Ensemble: average the teachers' probabilities or their logits.",
+        choices=("probs", "logits")),
+    Opt("generations", 2, int, "born-again generations.", lo=1),
+    Opt("peers", 1, int, "dml: number of float peers.", lo=1),
+    Opt("assistants", None, list, "assistant: architecture(s) of the chain, in order [default: resnet-student].",
+        nullable=True, item=dict(kind=str)),
+    Opt("assistant_epochs", None, int, "Epochs per assistant [default: float + QAT epochs].", lo=1, nullable=True),
+    Opt("bit_schedule", None, list, "progressive: bits per stage, e.g. 8,4 [default: 8 -> 4 -> 2 down to --bits].",
+        nullable=True, item=dict(kind=int, lo=MIN_BITS, hi=MAX_BITS)),
+    Opt("params", None, dict, "Hyper-parameters of --method.", nullable=True),
+    Opt("loss", None, list, "Recipe terms [{name, weight, ...}].", nullable=True),
+    Opt("config", None, str, "Recipe: [[loss]] terms with weights, and any distill option as a top-level key.",
+        nullable=True, metavar="FILE.toml"),
+    # --- schedule ---
+    Opt("epochs", 8, int, "QAT epochs.", lo=1),
+    Opt("float_epochs", 8, int, "Float KD epochs before QAT (0: QAT from scratch).", lo=0),
+    Opt("teacher_epochs", 20, int, "Epochs when the teacher has to be trained first.", lo=1),
+    Opt("lr", 2e-3, _NUM, "Learning rate of the float phase (QAT uses lr/4 after a float phase).", lo=0, lo_open=True),
+    Opt("qat_lr", None, _NUM, "Learning rate of QAT [default: lr/4 after a float warm start, else lr].",
+        lo=0, lo_open=True, nullable=True),
+    Opt("batch_size", 64, int, "Batch size (global, across processes).", lo=1),
+    Opt("flip", None, bool, "Random horizontal flips [default: the dataset's].", nullable=True),
+    Opt("cache", True, bool, "Cache the teacher's outputs when the input pipeline is deterministic."),
+    Opt("train_limit", None, int, "Train on the first N training samples only.", lo=1, nullable=True),
+    Opt("seed", 0, int, "Seed for splits, init and order.", lo=0),
+    Opt("device", "cpu", str, "Where to train: cpu or cuda[:N]. Multi-process: launch with 'torchrun "
+        "--nproc-per-node N -m edgekd ...' (gloo on CPU, nccl on CUDA; --batch-size is the global batch).",
+        metavar="cpu|cuda[:N]"),
+    Opt("amp", False, bool, "bfloat16 mixed precision for the float phases on CUDA (QAT stays float32)."),
+    Opt("progress", True, bool, "Show progress bars."),
+    # --- bench settings (profiles' [bench] tables take the same bounds) ---
+    Opt("threads", 0, int, "Intra-op threads; 0 lets the runtime choose.", lo=0),
+    Opt("warmup", 10, int, "Minimum number of warm-up runs.", lo=0),
+    Opt("warmup_s", 0.2, _NUM, "Minimum warm-up time in seconds.", lo=0, metavar="SECONDS"),
+    Opt("iterations", 100, int, "Minimum number of timed runs.", lo=1),
+    Opt("min_time_s", 1.0, _NUM, "Minimum timed duration in seconds.", lo=0, metavar="SECONDS"),
+    Opt("batch_sizes", (1,), (list, tuple), "Batch size to time (repeatable); overrides the profile's list.",
+        item=dict(kind=int, lo=1)),
+]}
+
+
+def default(name: str):
+    return OPTIONS[name].default
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check(name: str, value, label: str | None = None):
+    """``value`` if it is a valid ``name`` option, else one ConfigError worded from the table.
+
+    ``label``: how the user spelled the option (``--weight-bits``, ``recipe.toml: weight_bits``);
+    default the CLI flag. Numbers must be finite; ``first_last_bits`` also takes "same"."""
+    opt = OPTIONS[name]
+    label = label or opt.flag
+    if value is None and opt.nullable:
+        return value
+    if name == "first_last_bits" and value == SAME:
+        return value
+    if name == "first_last_bits" and value is None:  # checkpoints written before "same" existed
+        return SAME
+    kinds = opt.kind if isinstance(opt.kind, tuple) else (opt.kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds) \
+            or (name == "first_last_bits" and isinstance(value, str)):
+        expected = opt.bound_text(typed=True) + (" or 'same'" if name == "first_last_bits" else "")
+        raise ConfigError(f"{label} must be {expected}, got {value!r}")
+    if _is_number(value):
+        _check_number(opt, value, label)
+    if isinstance(value, (list, tuple)) and opt.item:
+        element = Opt(name, None, help="", **opt.item)
+        for v in value:
+            if (isinstance(v, bool) and element.kind is not bool) or not isinstance(v, element.kind):
+                raise ConfigError(f"every item of {label} must be {element.bound_text(typed=True)}, got {v!r}")
+            if _is_number(v):
+                _check_number(element, v, f"every item of {label}")
+    if opt.choices and value not in opt.choices:
+        from ..core.registry import suggest
+
+        raise ConfigError(f"{label} must be {opt.bound_text()}, got {value!r}{suggest(str(value), opt.choices)}")
+    return value
+
+
+def _check_number(opt: Opt, value, label: str) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{label} must be a finite number, got {value!r}")
+    low = opt.lo is not None and (value <= opt.lo if opt.lo_open else value < opt.lo)
+    if low or (opt.hi is not None and value > opt.hi):
+        suffix = " or 'same'" if opt.name == "first_last_bits" else ""
+        raise ConfigError(f"{label} must be {opt.bound_text()}{suffix}, got {value!r}")
+
+
+def check_bits(weight_bits, act_bits, weight_label="--weight-bits", act_label="--act-bits") -> tuple[int, int]:
+    check("weight_bits", weight_bits, weight_label)
+    check("act_bits", act_bits, act_label)
+    return weight_bits, act_bits
+
+
+def validate(opts, where: str = "") -> None:
+    """Check every field of a TrainOptions / DistillOptions against the table."""
+    for f in fields(opts):
+        if f.name in OPTIONS:
+            check(f.name, getattr(opts, f.name), f"{where}{f.name}" if where else None)
+
+
+@dataclass
+class TrainOptions:
+    data: str = default("data")
+    arch: str = default("arch")
+    epochs: int = default("teacher_epochs")
+    lr: float = default("lr")
+    batch_size: int = default("batch_size")
+    seed: int = default("seed")
+    progress: bool = default("progress")
+    device: str = default("device")
+    amp: bool = default("amp")
+
+
+@dataclass
+class DistillOptions:
+    """Options of ``distill``. Method hyper-parameters default to their papers (see edgekd.kd)."""
+
+    data: str = default("data")
+    teacher: str | list[str] | None = default("teacher")  # several: an ensemble
+    student: str = default("student")
+    weight_bits: int = default("weight_bits")
+    act_bits: int = default("act_bits")
+    target: str = default("target")
+    method: str = default("method")  # a name in kd.LOSSES; ignored when ``loss`` (a recipe) is given
+    temperature: float = default("temperature")  # hinton only (other methods: params)
+    alpha: float = default("alpha")  # hinton only
+    epochs: int = default("epochs")  # QAT epochs
+    float_epochs: int = default("float_epochs")  # float KD epochs first (order float-first)
+    teacher_epochs: int = default("teacher_epochs")
+    lr: float = default("lr")
+    qat_lr: float | None = default("qat_lr")  # None: lr / 4 after a float warm start, lr without one
+    batch_size: int = default("batch_size")
+    first_last_bits: int | str = default("first_last_bits")  # or "same"
+    seed: int = default("seed")
+    progress: bool = default("progress")
+    params: dict = field(default_factory=dict)  # the method's hyper-parameters, e.g. {"beta": 8.0} for dkd
+    loss: list[dict] | None = None  # recipe terms [{"name": ..., "weight": ..., **params}]
+    config: str | None = None  # recipe TOML (loss terms and options)
+    order: str | None = default("order")  # joint | float-first; None: float-first when float_epochs > 0
+    scheme: str = default("scheme")
+    teacher_weights: list[float] | None = None
+    teacher_mix: str = default("teacher_mix")
+    generations: int = default("generations")
+    peers: int = default("peers")
+    assistants: list[str] = field(default_factory=lambda: ["resnet-student"])  # assistant chain, in order
+    assistant_epochs: int | None = default("assistant_epochs")
+    bit_schedule: list[int] | None = default("bit_schedule")
+    flip: bool | None = default("flip")  # None: the dataset's default
+    cache: bool = default("cache")
+    train_limit: int | None = default("train_limit")
+    device: str = default("device")
+    amp: bool = default("amp")

@@ -1,0 +1,1 @@
+"""Errors, registries and safe file writes shared by every stage."""

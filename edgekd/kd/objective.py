@@ -1,0 +1,201 @@
+"""The base of every loss term, the registry of terms by name, and their weighted sum (an Objective).
+
+A *term* is an ``nn.Module`` dataclass: its hyper-parameters are dataclass fields with the
+paper's defaults, learned adapters (feature terms) are submodules, so they follow ``.to(device)``,
+``state_dict`` and the optimizer with the student. It is called as ``term(student_logits,
+teacher_logits, labels, feats)`` and returns the scalar loss and a dict of its named parts
+(floats, for logging). ``teacher_logits`` is None for terms that need no teacher; ``feats`` (a
+``kd.features.Feats``) holds the outputs of the layers a feature term names.
+
+Every term states its paper defaults twice: its own hyper-parameters and, as class attributes,
+``weight`` (its weight in the sum) and ``ce_weight`` (the weight of the cross-entropy on labels
+that goes with it). ``--method NAME`` builds ``ce_weight * CE + weight * NAME``; a recipe lists
+terms and weights explicitly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import fields
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError
+from ..core.registry import Registry, suggest
+
+LOSSES: Registry = Registry("distillation method")
+
+
+def _f(value) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _positive(term, *names: str) -> None:
+    for name in names:
+        if getattr(term, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(term, name)}")
+
+
+class Term(nn.Module):
+    """Base of every registered loss term (see the module docstring)."""
+
+    needs_teacher = True
+    weight = 1.0  # paper default weight of this term in a single-method objective
+    ce_weight = 1.0  # paper default weight of the label cross-entropy that goes with it
+    student_layers: tuple[str, ...] = ()
+    teacher_layers: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        nn.Module.__init__(self)  # dataclass fields are set first: plain attributes, kept
+
+    def setup(self, probe) -> None:
+        """Resolve layer names and build adapters (feature terms); ``probe`` is a kd.features.Probe."""
+
+    @property
+    def wants_layers(self) -> bool:
+        return False
+
+    @property
+    def needs_setup(self) -> bool:
+        return False
+
+
+def term_params(cls) -> dict:
+    """A term's hyper-parameters and their defaults (the dataclass fields a user may set)."""
+    return {f.name: f.default for f in fields(cls) if f.init}
+
+
+def make_loss(method: str, **params) -> Term:
+    """Build a registered term; unknown parameters fail with a did-you-mean and the accepted ones."""
+    cls = LOSSES.get(method)
+    accepted = term_params(cls)
+    bad = [k for k in params if k not in accepted]
+    if bad:
+        raise ConfigError(f"method {method!r} has no parameter {bad[0]!r}{suggest(bad[0], list(accepted))}",
+                          f"its parameters: {', '.join(accepted) or 'none'}")
+    for key, value in params.items():  # a number parameter given as text fails here, not mid-training
+        if isinstance(accepted[key], float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"method {method!r}: parameter {key!r} must be a number, got {value!r}",
+                              f"e.g. {key}={accepted[key]:g}")
+        if isinstance(accepted[key], float) and not math.isfinite(value):
+            raise ConfigError(f"method {method!r}: parameter {key!r} must be a finite number, got {value!r}",
+                              f"e.g. {key}={accepted[key]:g}")
+    return cls(**params)
+
+
+def describe_methods() -> list[dict]:
+    """One row per registered term: name, summary line, parameters with defaults, weights."""
+    rows = []
+    for name in LOSSES:
+        cls = LOSSES.get(name)
+        doc = inspect.getdoc(cls) or ""
+        rows.append({"name": name, "summary": doc.split("\n")[0], "params": term_params(cls),
+                     "weight": cls.weight, "ce_weight": cls.ce_weight, "needs_teacher": cls.needs_teacher})
+    return rows
+
+
+class Objective(nn.Module):
+    """A weighted sum of terms (torchdistill's WeightedSumLoss); what the training loop calls.
+
+    ``Objective.single(name, **params)`` is ``--method NAME``: the term at its paper weight plus
+    cross-entropy at the paper's ce_weight. ``Objective.from_specs([{"name":..., "weight":..., ...}])``
+    is a recipe. The terms are submodules: their adapters train and move with the objective.
+    """
+
+    def __init__(self, terms: list[tuple[str, float, Term]]):
+        super().__init__()
+        if not terms:
+            raise ConfigError("a distillation objective needs at least one loss term")
+        self.names = [n for n, _, _ in terms]
+        self.weights = [w for _, w, _ in terms]
+        self.members = nn.ModuleList([t for _, _, t in terms])
+
+    @property
+    def terms(self) -> list[tuple[str, float, Term]]:
+        return list(zip(self.names, self.weights, self.members))
+
+    @classmethod
+    def single(cls, method: str, **params) -> "Objective":
+        from .response import CrossEntropy
+
+        term = make_loss(method, **params)
+        terms = [(method, float(term.weight), term)]
+        if term.ce_weight:
+            terms.insert(0, ("ce", float(term.ce_weight), CrossEntropy()))
+        return cls(terms)
+
+    @classmethod
+    def from_specs(cls, specs: list[dict], where: str = "loss term") -> "Objective":
+        terms = []
+        for spec in specs:
+            spec = dict(spec)
+            name = spec.pop("name")
+            weight = spec.pop("weight", None)
+            term = make_loss(name, **spec)
+            if weight is not None and not (_is_number(weight) and math.isfinite(weight) and weight >= 0):
+                raise ConfigError(f"{where} {name!r}: weight must be a finite number >= 0, got {weight!r}")
+            terms.append((name, float(term.weight if weight is None else weight), term))
+        return cls(terms)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(t.needs_teacher for t in self.members)
+
+    @property
+    def student_layers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n for t in self.members for n in t.student_layers))
+
+    @property
+    def teacher_layers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n for t in self.members for n in t.teacher_layers))
+
+    @property
+    def wants_layers(self) -> bool:
+        return any(t.wants_layers for t in self.members)
+
+    @property
+    def needs_setup(self) -> bool:
+        """True until the feature terms' layers are resolved and their adapters built."""
+        return any(t.needs_setup for t in self.members)
+
+    @property
+    def name(self) -> str:
+        return "+".join(n for n in self.names if n != "ce") or "none"
+
+    def setup(self, probe) -> None:
+        for term in self.members:
+            term.setup(probe)
+
+    def forward(self, student_logits, teacher_logits, labels, feats=None):
+        total, parts = 0.0, {}
+        for name, weight, term in self.terms:
+            value, sub = term(student_logits, teacher_logits, labels, feats)
+            total = total + weight * value
+            parts.update({k if k not in parts else f"{name}.{k}": v for k, v in sub.items()})
+        return total, parts
+
+    def describe(self) -> list[dict]:
+        """The resolved terms (layers and defaults filled in), as a recipe's ``[[loss]]`` list."""
+        return [{"name": n, "weight": w, **{f.name: getattr(t, f.name) for f in fields(t) if f.init}}
+                for n, w, t in self.terms]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_terms(terms: list[dict], source: str) -> None:
+    """Check a recipe's ``[[loss]]`` tables: a known name, known keys, valid values."""
+    for i, term in enumerate(terms):
+        where = f"{source}: [[loss]] #{i + 1}"
+        if "name" not in term:
+            raise ConfigError(f"{where} has no 'name'", f"methods: {', '.join(LOSSES.names())}")
+        cls = LOSSES.get(term["name"])
+        allowed = ["name", "weight", *term_params(cls)]
+        for key in term:
+            if key not in allowed:
+                raise ConfigError(f"{where} ({term['name']}): unknown key {key!r}{suggest(key, allowed)}",
+                                  f"its keys: {', '.join(allowed)}")
+        Objective.from_specs([term], where)  # values are checked by the term itself

@@ -1,0 +1,95 @@
+"""Model specs -> nn.Module, adapted to the dataset's channels and classes.
+
+Specs: a built-in name (``cnn-teacher``, ``cnn-student``, ``resnet-student``, ``mlp-student``),
+``torchvision:NAME`` (built with random weights; nothing is downloaded) or ``module:callable``
+(``package.module:function``, called with the keyword arguments it accepts among ``num_classes``
+and ``in_channels``). A spec that names code (``module:callable``) is built only when the caller
+says it comes from the user (the command line or the Python API, ``trusted=True``): a spec read
+from a file (checkpoint metadata, recipe, manifest) may name only built-in and torchvision models.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError
+from .zoo import ARCHS
+
+
+def build_model(spec: str, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+    """Build a float model from a spec string, adapted to the dataset's channels and classes."""
+    in_channels = input_shape[0]
+    if spec.startswith("torchvision:"):
+        return _torchvision(spec.split(":", 1)[1], num_classes, in_channels)
+    if ":" in spec and not Path(spec).exists():
+        return _from_callable(spec, num_classes, in_channels)
+    factory = ARCHS.get(spec)
+    kwargs = {"num_classes": num_classes, "in_channels": in_channels}
+    if "image_size" in inspect.signature(factory).parameters:
+        kwargs["image_size"] = input_shape[1]
+    return factory(**kwargs)
+
+
+def _torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        from ..core.registry import unknown
+
+        raise unknown("torchvision model", name, available)
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _adapt_first_conv(model, in_channels)
+    return model
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Replace the first Conv2d in forward order (which expects RGB) by one with ``in_channels``
+    inputs, its weights derived from the RGB ones (timm's ``adapt_input_conv``: summed over the
+    colour channels for one input channel, repeated and rescaled otherwise).
+
+    "First" is the first Conv2d in definition order (``named_modules``, depth first), which is the
+    stem of every torchvision classifier; a breadth-first search would pick a later convolution
+    that happens to sit higher in the module tree.
+    """
+    name, child = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
+    if child is None:
+        return
+    groups = 1 if child.groups == 1 else in_channels
+    conv = nn.Conv2d(in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                     child.dilation, groups, child.bias is not None, child.padding_mode)
+    with torch.no_grad():
+        w = child.weight
+        if groups == 1 and in_channels == 1:
+            conv.weight.copy_(w.sum(1, keepdim=True))
+        elif groups == 1:
+            reps = -(-in_channels // w.shape[1])
+            conv.weight.copy_(w.repeat(1, reps, 1, 1)[:, :in_channels] * (w.shape[1] / in_channels))
+        if child.bias is not None:
+            conv.bias.copy_(child.bias)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, conv)
+
+
+def _from_callable(spec: str, num_classes: int, in_channels: int) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot load model callable {spec!r}: {e}", "use the form package.module:function") from None
+    accepted = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in accepted}
+    model = fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

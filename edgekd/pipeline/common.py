@@ -1,0 +1,63 @@
+"""What every stage of the pipeline shares: log callbacks, names of runs, a model's metadata."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..core.errors import EdgekdError
+
+Log = Callable[[str], None]
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def slug(*parts) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(str(p) for p in parts)).strip("-").lower()
+
+
+def dataset_name(spec: str) -> str:
+    return spec.split(":", 1)[0] if not spec.startswith("npz:") else Path(spec[4:]).stem
+
+
+def options_dict(opts) -> dict:
+    """The options that define a run's result (a resumed run must have the same)."""
+    return {k: v for k, v in asdict(opts).items() if k != "progress"}
+
+
+def model_meta(arch: str, data, data_spec: str, seed: int) -> dict:
+    return {"arch": arch, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+            "dataset": data_spec, "seed": seed, "classes": data.classes,
+            "normalization": {"mean": data.mean, "std": data.std}, "edgekd_version": __version__}
+
+
+def epoch_line(what: str, r: dict) -> str:
+    star = " *" if r.get("best") else ""
+    return (f"{what} epoch {r['epoch']}: loss {r['loss']:.4f}, train acc {r['train_accuracy']:.4f}, "
+            f"val acc {r['val_accuracy']:.4f} ({r['seconds']:.0f}s){star}")
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise EdgekdError(f"unknown device {device!r}", "use --device cpu or --device cuda[:N]")
+    if not torch.cuda.is_available():
+        raise EdgekdError(f"--device {device}: this PyTorch sees no CUDA GPU", "use --device cpu")
+
+
+def join_group(opts) -> tuple[bool, bool]:
+    """Check the device and join torchrun's process group, if launched so. Returns (joined it now:
+    the caller shuts it down, this process is rank 0: it logs)."""
+    from ..training import distributed as dd
+
+    check_device(opts.device)
+    joined = dd.init_from_env(opts.device)
+    return joined, dd.is_main()

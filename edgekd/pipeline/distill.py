@@ -1,0 +1,269 @@
+"""Distill: train a quantized student by knowledge distillation, and write its run directory.
+
+The run directory (default ``runs/<name>/``) is what the next stage, deploy, takes: ``student.pt``
+(weights and everything needed to rebuild the quantized model), ``recipe.json`` (the resolved
+options), ``metrics.json`` (teacher and student accuracies, bits, method, per-epoch history) and
+``log.txt``. ``load_student`` rebuilds the model from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from ..config import options as op
+from ..config.options import DEFAULT_TEACHER, DistillOptions
+from ..core.errors import EdgekdError, IncompatibleError, MissingFileError
+from ..core.fsutil import RUNS_DIR, atomic_dir, latest, write_json, write_text
+from .common import Log, dataset_name, join_group, model_meta, options_dict, quiet, slug
+from .teachers import resolve_teachers, teacher_specs
+
+
+def distill(opts: DistillOptions, out: Path | None = None, log: Log = quiet, resume: bool = False) -> dict:
+    """Quantized distillation: KD from the teacher while training the student with Brevitas QAT.
+
+    The scheme (training.schemes) decides who teaches whom; the objective (kd, from ``method`` or a
+    recipe) what is matched; ``order`` whether float KD precedes QAT. Training state is checkpointed
+    in ``OUT.partial`` after every epoch and on SIGINT/SIGTERM; ``resume`` continues from it. Under
+    torchrun every rank trains (DDP) and rank 0 writes. Returns the run's metrics (and ``run_dir``).
+    """
+    joined, loud = join_group(opts)
+    try:
+        return _distill(opts, out, log if loud else quiet, resume)
+    finally:
+        if joined:
+            from ..training import distributed as dd
+
+            dd.shutdown()
+
+
+@dataclass
+class _Plan:
+    """Everything decided before training: checked options, target, QuantSpec, data, names."""
+
+    opts: DistillOptions
+    order: str
+    target: object
+    spec: object
+    new_objective: object
+    data: object
+    float_model: object
+    method: str
+    out: Path
+
+
+def _plan(opts: DistillOptions, out: Path | None, log: Log) -> _Plan:
+    """Check everything a typo or a bad combination can break, before any teacher trains: options,
+    recipe, target and bits, the objective, the data, and that the student traces."""
+    from .. import models, quant
+    from ..data import load_dataset
+    from ..training import schemes
+
+    opts = with_recipe(opts)
+    op.validate(opts)
+    order = schemes.resolve_order(opts.order, opts.float_epochs)
+    schemes.SCHEMES.get(opts.scheme)
+    target, spec = quant_spec(opts, log)
+    new_objective = objective_factory(opts)
+    data = _limit(load_dataset(opts.data, seed=opts.seed), opts.train_limit)
+    if opts.flip is not None:
+        data.flip_augment = opts.flip
+    float_model = models.build_model(opts.student, data.num_classes, data.input_shape)
+    quant.trace(float_model)  # an untraceable student fails in seconds, not after the teacher
+    method = opts.method if not opts.loss else new_objective().name
+    name = slug(dataset_name(opts.data), opts.student, spec.label.lower(), method,
+                *([opts.scheme] if opts.scheme != "offline" else []))
+    return _Plan(replace(opts, order=order), order, target, spec, new_objective, data, float_model, method,
+                 Path(out) if out else RUNS_DIR / name)
+
+
+def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool) -> dict:
+    from ..training import accuracy, distributed as dd, schemes
+    from ..training.checkpoint import RunCheckpoints, partial_dir
+
+    from ..training import set_threads
+
+    set_threads()
+    plan = _plan(opts, out, log)
+    opts, ckpt_opts = plan.opts, options_dict(plan.opts)
+    RunCheckpoints.resumable(partial_dir(plan.out), ckpt_opts, resume)  # a --resume that cannot continue fails now
+    objective = plan.new_objective()
+    teacher, teacher_acc, teacher_src = None, None, None
+    if (objective.needs_teacher and opts.scheme != "dml") or opts.scheme == "assistant":
+        teacher, teacher_acc, teacher_src = resolve_teachers(opts, plan.data, log)
+    lines = []
+    logf = lambda s: (lines.append(s), log(s))  # noqa: E731
+    checkpoints = RunCheckpoints(partial_dir(plan.out), ckpt_opts, resume, logf)
+    logf(f"method {plan.method} ({', '.join(f'{w:g} x {n}' for n, w, _ in objective.terms)}), scheme {opts.scheme}, "
+         f"order {plan.order}" + (f", {dd.world()} processes (global batch {opts.batch_size})" if dd.world() > 1 else ""))
+    run = schemes.Run(opts=opts, data=plan.data, spec=plan.spec, new_objective=plan.new_objective,
+                      teacher=teacher, log=logf, checkpoints=checkpoints)
+    result = schemes.SCHEMES.get(opts.scheme)(run)
+    student_acc = accuracy(result.student, plan.data.test, sharded=True)
+    logf(f"{plan.spec.label} student test accuracy (fake-quant, PyTorch) {student_acc:.4f}")
+    metrics = _metrics(plan, run, result, objective, teacher_acc, teacher_src, student_acc)
+    if dd.is_main():
+        _write_run(plan, result, metrics, lines)
+    checkpoints.finish()
+    return metrics | {"run_dir": str(plan.out)}
+
+
+def _metrics(plan: _Plan, run, result, objective, teacher_acc, teacher_src, student_acc) -> dict:
+    from .. import models
+    from ..training import distributed as dd
+
+    opts, spec = plan.opts, plan.spec
+    return {"teacher_accuracy": teacher_acc, "student_accuracy": student_acc,
+            "student_float_accuracy": result.float_accuracy, "val_accuracy": result.val_accuracy,
+            "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "method": plan.method,
+            "epochs": opts.epochs, "float_epochs": result.float_epochs, "dataset": opts.data,
+            "student": opts.student, "student_params": models.count_params(plan.float_model),
+            "target": plan.target.name, "scheme": opts.scheme, "order": plan.order,
+            "loss": (run.objectives or [objective])[-1].describe(), "teacher": teacher_src,
+            "teacher_cache": bool(run.cache_used) and all(run.cache_used), "processes": dd.world(),
+            "seconds": result.seconds, "history": run.history}
+
+
+def _write_run(plan: _Plan, result, metrics: dict, lines: list[str]) -> None:
+    from .. import models
+
+    opts, spec = plan.opts, plan.spec
+    meta = model_meta(opts.student, plan.data, opts.data, opts.seed) | {"quant": spec.to_dict(),
+                                                                        "target": plan.target.name}
+    recipe = asdict(opts) | {"float_epochs": result.float_epochs, "qat_lr": result.qat_lr,
+                             "target": plan.target.name, "order": plan.order, "loss": metrics["loss"]}
+    recipe.pop("progress")
+    with atomic_dir(plan.out) as tmp:
+        models.save_checkpoint(tmp / "student.pt", result.student.state_dict(), meta)
+        write_json(tmp / "recipe.json", recipe)
+        write_json(tmp / "metrics.json", metrics)
+        write_text(tmp / "log.txt", "\n".join(lines) + "\n")
+
+
+# --- the parts of a plan ---------------------------------------------------------------------------
+
+def parse_recipe(text: str, source: str = "recipe") -> tuple[dict, list[dict]]:
+    """A recipe's (options, loss terms), every option and term checked (config.recipe, kd)."""
+    from ..config import recipe
+    from ..kd import check_terms
+
+    options, terms = recipe.parse(text, source)
+    check_terms(terms, source)
+    return options, terms
+
+
+def with_recipe(opts: DistillOptions) -> DistillOptions:
+    """Options completed from ``opts.config``: the file fills what the caller left at its default."""
+    from ..config import recipe
+
+    if not opts.config:
+        return opts
+    options, terms = parse_recipe(recipe.read(opts.config), str(opts.config))
+    defaults = DistillOptions()
+    explicit = {f.name for f in fields(opts) if getattr(opts, f.name) != getattr(defaults, f.name)}
+    opts = recipe.apply(opts, options, explicit)
+    return replace(opts, loss=terms) if opts.loss is None and terms else opts
+
+
+def _limit(data, n: int | None):
+    """The dataset with only its first ``n`` training samples (the split is already shuffled)."""
+    if n:
+        from ..data import Split
+
+        data.train = Split(data.train.x[:n], data.train.y[:n])
+    return data
+
+
+def objective_factory(opts: DistillOptions):
+    """A function building a fresh kd.Objective (every student gets its own adapters)."""
+    from ..kd import Objective
+
+    if opts.loss:
+        factory = lambda: Objective.from_specs(opts.loss)  # noqa: E731
+    else:
+        params = dict(opts.params)
+        if opts.method == "hinton":
+            params = {"temperature": opts.temperature, "alpha": opts.alpha} | params
+        factory = lambda: Objective.single(opts.method, **params)  # noqa: E731
+    factory()  # fail early on a bad method or parameter
+    return factory
+
+
+def quant_spec(opts: DistillOptions, log: Log):
+    """The target and the QuantSpec of the student: the requested bits with the target's conventions,
+    checked by the catalog's pre-flight (errors stop the run before any training)."""
+    from .. import catalog, quant
+
+    target = catalog.load_target(opts.target)
+    spec = quant.spec_for_target(target, opts.weight_bits, opts.act_bits, opts.first_last_bits)
+    if spec.weight_bits != opts.weight_bits or spec.first_last_bits != opts.first_last_bits:
+        log(f"warning: target {target.name} uses reduce_range: weights are trained with at most 7 bits "
+            f"(W{spec.weight_bits}, first/last layers {spec.first_last_weight_bits}) because ONNX "
+            "Runtime's x86 int8 kernels saturate with 8-bit weights on CPUs without VNNI; on ARM use --target rpi")
+    findings = catalog.preflight(target, spec.weight_bits, spec.act_bits)
+    for finding in findings:
+        if finding["level"] != "error":
+            log(f"{finding['level']}: {finding['message']}")
+    errors = [f for f in findings if f["level"] == "error"]
+    if errors:  # the exported model would not run on the target: stop before any training
+        raise IncompatibleError(f"{spec.label} cannot be deployed to {target.name}: "
+                                + "; ".join(f["message"] for f in errors),
+                                "; ".join(f["suggestion"] for f in errors if f["suggestion"]) or None)
+    return target, spec
+
+
+def list_layers(opts: DistillOptions) -> dict:
+    """The layer names feature terms can use: the student's (those that run both in float and
+    quantized at the run's bits) and the teacher's (its first ``--teacher``)."""
+    import torch
+
+    from .. import models, quant
+    from ..data import load_dataset
+    from ..kd.features import layer_table
+
+    opts = with_recipe(opts)
+    data = load_dataset(opts.data, seed=opts.seed)
+    _, spec = quant_spec(opts, quiet)
+    x = torch.from_numpy(data.train.x[:2])
+    student = models.build_model(opts.student, data.num_classes, data.input_shape)
+    qnames = {r["name"] for r in layer_table(quant.quantize(student, spec), x)}
+    rows = [r for r in layer_table(student, x) if r["name"] in qnames]
+    first = teacher_specs(opts.teacher)[0]
+    if first and Path(first).is_file():
+        teacher = models.load_model(first, expect_classes=data.num_classes)[0]
+    else:  # an architecture: an untrained copy has the same layers
+        teacher = models.build_model(first or DEFAULT_TEACHER, data.num_classes, data.input_shape)
+    return {"student": rows, "teacher": layer_table(teacher, x)}
+
+
+# --- reading a run back -----------------------------------------------------------------------------
+
+def load_student(run_dir: Path):
+    """Rebuild the quantized student of a run directory, with its trained weights and scales."""
+    from .. import models, quant
+
+    ckpt_path = Path(run_dir) / "student.pt"
+    ckpt = models.load_checkpoint(ckpt_path)
+    meta = ckpt["meta"]
+    if "quant" not in meta:
+        raise EdgekdError(f"{ckpt_path} is not a distilled student (no quantization spec)",
+                          "pass a run directory written by 'edgekd distill'")
+    float_model = models.build_model(meta["arch"], meta["num_classes"], tuple(meta["input_shape"]))
+    qmodel = quant.quantize(float_model, quant.QuantSpec(**meta["quant"]))
+    quant.materialize(qmodel, meta["input_shape"])
+    models.load_weights(qmodel, ckpt["state_dict"], str(ckpt_path))
+    qmodel.eval()
+    return qmodel, meta
+
+
+def find_run(run_dir: str | Path | None) -> Path:
+    if run_dir is None:
+        run_dir = latest(RUNS_DIR, "student.pt")
+        if run_dir is None:
+            raise MissingFileError("no distilled run found under runs/", "run 'edgekd distill' first, or pass RUN_DIR")
+    run_dir = Path(run_dir)
+    missing = [name for name in ("student.pt", "metrics.json") if not (run_dir / name).is_file()]
+    if missing:
+        raise MissingFileError(f"{run_dir} is not a run directory (no {' or '.join(missing)})",
+                               "pass a directory written by 'edgekd distill'")
+    return run_dir
