@@ -6,6 +6,7 @@ Flavours (``FLAVOURS``; a target's ``flavour`` picks one):
   between Q and DQ (``onnx_passes.to_qdq`` rewrites Brevitas's QCDQ graph exactly).
 - ``qcdq``: Brevitas's QuantizeLinear/Clip/DequantizeLinear graph as exported.
 - ``qonnx``: true low-bit ``Quant`` nodes, for FINN/hls4ml.
+- ``fp32``: a float model as plain ONNX (``export --float``: the reference for speed and accuracy).
 Which flavours a runtime takes is the backend's to say (``Backend.flavours``); running the
 artifact and comparing it with PyTorch (parity) is the deploy stage's, through the backend.
 """
@@ -19,7 +20,7 @@ import torch
 
 from ..core.errors import EdgekdError, MissingExtraError
 
-FLAVOURS = ("qdq", "qcdq", "qonnx")
+FLAVOURS = ("qdq", "qcdq", "qonnx", "fp32")
 
 
 def export_onnx(model: torch.nn.Module, flavour: str, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -37,6 +38,10 @@ def export_onnx(model: torch.nn.Module, flavour: str, example: torch.Tensor, pat
                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
             if flavour == "qdq":
                 _to_qdq(path, uint8_activations=_unsigned_convention(model))
+        elif flavour == "fp32":  # the float model as it is: the reference a quantized bundle is timed against
+            torch.onnx.export(model, (example,), str(path), opset_version=opset, dynamo=False,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
         elif flavour == "qonnx":
             from brevitas.export import export_qonnx
 

@@ -1,0 +1,272 @@
+"""Image folders: ``--data imagefolder:DIR`` with ``DIR/train/<class>/*`` and optional ``test/`` and ``val/``.
+
+Images (PNG, JPEG, BMP, WebP) are decoded lazily, one sample at a time (by a DataLoader's worker
+processes in training), never all held in memory. Classes are the sorted folder names of
+``train/`` and must be the same in every split. Without ``val/`` (or ``test/``) a seeded,
+stratified share of ``train/`` is held out, as for the other datasets.
+
+Transforms: evaluation resizes the shorter side to ``image_size`` and crops the centre; training
+takes a random resized crop (scale 0.35..1, aspect 3/4..4/3) and a horizontal flip (``augment``:
+``crop+flip``, ``flip`` or ``none``). Without ``image_size`` all images must share one size and
+none is resized. Random transforms draw from a generator seeded by (seed, epoch, sample index), so
+a sample looks the same whatever the number of workers, and an interrupted run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import ConfigError, MissingFileError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+AUGMENTS = ("crop+flip", "flip", "none")
+CROP_SCALE, CROP_RATIO = (0.35, 1.0), (3 / 4, 4 / 3)
+
+
+@dataclass
+class FolderOptions:
+    """How an image folder is read (the CLI's --image-size, --channels, --augment, --workers, ...)."""
+
+    image_size: int | None = None  # None: the images' own size (all must agree)
+    channels: int | None = None  # None: from the data (1 if every image is grayscale, else 3)
+    augment: str = "crop+flip"
+    workers: int = 2
+    skip_bad_images: bool = False
+
+
+@dataclass
+class Transform:
+    """Decode + resize/crop (+ random crop and flip for training) + normalize, as numpy float32 CHW."""
+
+    size: tuple[int, int]  # (H, W) of the output
+    channels: int
+    mean: list[float]
+    std: list[float]
+    resize: int | None = None  # shorter side before the centre crop (None: as stored)
+    augment: str = "none"
+
+    def __call__(self, path: str, rng: np.random.Generator | None = None) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im = im.convert("L" if self.channels == 1 else "RGB")
+            if rng is not None and self.augment == "crop+flip":
+                im = _random_resized_crop(im, self.size, rng)
+            elif self.resize is not None:
+                im = _resize_center_crop(im, self.resize, self.size)
+            elif im.size != (self.size[1], self.size[0]):
+                raise ConfigError(f"{path} is {im.size[0]}x{im.size[1]}, the others {self.size[1]}x{self.size[0]}",
+                                  "pass --image-size N to resize every image")
+            a = np.asarray(im, dtype=np.float32) / 255.0
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        if rng is not None and self.augment in ("crop+flip", "flip") and rng.random() < 0.5:
+            a = a[:, :, ::-1]
+        mean = np.asarray(self.mean, np.float32)[:, None, None]
+        std = np.asarray(self.std, np.float32)[:, None, None]
+        return np.ascontiguousarray((a - mean) / std)
+
+    def describe(self) -> dict:
+        return {"resize_shorter_side": self.resize, "center_crop": list(self.size), "channels": self.channels,
+                "scale": "1/255", "normalize": {"mean": self.mean, "std": self.std}}
+
+
+def _resize_center_crop(im, shorter: int, size: tuple[int, int]):
+    from PIL import Image
+
+    w, h = im.size
+    scale = shorter / min(w, h)
+    im = im.resize((max(size[1], round(w * scale)), max(size[0], round(h * scale))), Image.BILINEAR)
+    left, top = (im.size[0] - size[1]) // 2, (im.size[1] - size[0]) // 2
+    return im.crop((left, top, left + size[1], top + size[0]))
+
+
+def _random_resized_crop(im, size: tuple[int, int], rng: np.random.Generator):
+    """torchvision's RandomResizedCrop: an area share in CROP_SCALE and an aspect in CROP_RATIO (log-uniform),
+    ten tries, then the centre crop of the whole image; the crop is resized to ``size``."""
+    from PIL import Image
+
+    w, h = im.size
+    for _ in range(10):
+        area = w * h * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return im.resize((size[1], size[0]), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+    return _resize_center_crop(im, min(size), size)
+
+
+@dataclass
+class FolderSplit:
+    """One split of an image folder: the files and their labels; images are decoded on demand."""
+
+    files: list[str]
+    y: np.ndarray  # int64 (N,)
+    transform: Transform | None = None  # set once the normalization is known
+    train_transform: Transform | None = None
+    skip_bad: bool = False
+    bad: set = field(default_factory=set)  # files that failed to decode (with skip_bad)
+
+    lazy = True
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx) -> "FolderSplit":
+        idx = np.asarray(idx)
+        return FolderSplit([self.files[i] for i in idx], self.y[idx], self.transform, self.train_transform,
+                           self.skip_bad, self.bad)
+
+    def load(self, i: int, rng: np.random.Generator | None = None) -> np.ndarray | None:
+        """Sample ``i`` through the eval transform (``rng``: the training one); None for a bad file
+        that is skipped."""
+        transform = self.train_transform if rng is not None else self.transform
+        try:
+            return transform(self.files[i], rng)
+        except ConfigError:
+            raise
+        except Exception as e:  # PIL's UnidentifiedImageError, OSError (truncated), ...
+            if not self.skip_bad:
+                raise ConfigError(f"cannot read image {self.files[i]}: {type(e).__name__}: {e}",
+                                  "remove or fix the file, or pass --skip-bad-images") from None
+            self.bad.add(self.files[i])
+            return None
+
+    def take(self, idx) -> np.ndarray:
+        """The eval-transformed images at ``idx`` (a bad, skipped file gives zeros), float32 NCHW."""
+        images = [self.load(int(i)) for i in idx]
+        shape = next((a.shape for a in images if a is not None), None)
+        return np.stack([a if a is not None else np.zeros(shape, np.float32) for a in images])
+
+    @property
+    def x(self):
+        raise AttributeError("an image-folder split is decoded lazily; use take(idx) or a loader")
+
+
+def scan(root: Path) -> tuple[list[str], dict[str, tuple[list[str], np.ndarray]]]:
+    """Class names and, per split present (train, val, test), its files and labels."""
+    if not root.is_dir():
+        raise MissingFileError(f"image folder not found: {root}", "pass --data imagefolder:DIR with DIR/train/<class>/")
+    if not (root / "train").is_dir():
+        raise ConfigError(f"{root} has no train/ folder", "lay images out as DIR/train/<class>/*.png (test/ and val/ "
+                          "optional)")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise ConfigError(f"{root / 'train'} holds {len(classes)} class folder(s)", "a classifier needs at least 2 classes")
+    splits = {}
+    for name in ("train", "val", "test"):
+        if (root / name).is_dir():
+            splits[name] = _scan_split(root / name, classes)
+    return classes, splits
+
+
+def _scan_split(folder: Path, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+    if missing or extra:
+        what = "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
+                                          f"extra {', '.join(extra)}" if extra else "") if part)
+        raise ConfigError(f"the classes of {folder} differ from train/'s: {what}",
+                          "every split needs the same class folders")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        images = sorted(str(p) for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not images:
+            raise ConfigError(f"class folder {folder / name} holds no images ({', '.join(IMAGE_EXTS)})",
+                              "add images or remove the folder from every split")
+        files += images
+        labels += [label] * len(images)
+    return files, np.asarray(labels, dtype=np.int64)
+
+
+def probe(files: list[str], options: FolderOptions) -> tuple[int, tuple[int, int]]:
+    """(channels, (H, W)) of the data: 1 channel only if every sampled image is grayscale."""
+    from PIL import Image
+
+    step = max(1, len(files) // 200)
+    modes, sizes = set(), set()
+    for path in files[::step]:
+        try:
+            with Image.open(path) as im:
+                modes.add(im.mode)
+                sizes.add(im.size)
+        except Exception:
+            continue  # reported when decoded (or skipped with --skip-bad-images)
+    channels = options.channels or (1 if modes <= {"L", "1", "I;16", "I"} and modes else 3)
+    if options.image_size:
+        return channels, (options.image_size, options.image_size)
+    if len(sizes) > 1:
+        raise ConfigError(f"the images have {len(sizes)} different sizes (e.g. {', '.join(f'{w}x{h}' for w, h in sorted(sizes)[:3])})",
+                          "pass --image-size N to resize and centre-crop them to N x N")
+    (w, h), = sizes or {(0, 0)}
+    return channels, (h, w)
+
+
+def split_indices(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) indices: a seeded, stratified share ``fraction`` of every class held out
+    (the same rule as the in-memory datasets' splits)."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        held.append(idx[: int(round(len(idx) * fraction))])
+    mask = np.zeros(len(y), bool)
+    mask[np.concatenate(held)] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def channel_stats(split: FolderSplit, samples: int = 2000, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a seeded sample of up to ``samples`` images (eval transform,
+    scaled to [0, 1], before normalization)."""
+    idx = np.random.default_rng(seed).permutation(len(split))[:samples]
+    total = count = 0
+    sq = 0
+    for i in idx:
+        a = split.load(int(i))
+        if a is None:
+            continue
+        a = a.astype(np.float64)
+        total, sq, count = total + a.sum(axis=(1, 2)), sq + (a ** 2).sum(axis=(1, 2)), count + a[0].size
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean ** 2, 0.0))
+    return [round(float(m), 6) for m in mean], [round(float(max(s, 1e-6)), 6) for s in std]
+
+
+def load_imagefolder(root: Path, seed: int, options: FolderOptions, normalize: str = "auto",
+                     val_fraction: float = 0.1, test_fraction: float = 0.2):
+    """A Dataset whose splits are FolderSplits (see the module docstring)."""
+    from .builtin import Dataset
+    from .normalize import resolve_normalization
+
+    if options.augment not in AUGMENTS:
+        raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got {options.augment!r}")
+    classes, found = scan(root)
+    files, y = found["train"]
+    split = FolderSplit(files, y, skip_bad=options.skip_bad_images)
+    if "test" in found:
+        test = FolderSplit(*found["test"], skip_bad=options.skip_bad_images)
+    else:
+        keep, held = split_indices(y, test_fraction, seed)
+        split, test = split.subset(keep), split.subset(held)
+    if "val" in found:
+        val = FolderSplit(*found["val"], skip_bad=options.skip_bad_images)
+    else:
+        keep, held = split_indices(split.y, val_fraction, seed + 1)
+        split, val = split.subset(keep), split.subset(held)
+    channels, size = probe(split.files, options)
+    plain = Transform(size, channels, [0.0] * channels, [1.0] * channels, options.image_size)
+    split.transform = plain
+    mean, std = resolve_normalization(normalize, channels, lambda: channel_stats(split, seed=seed))
+    eval_t = Transform(size, channels, mean, std, options.image_size)
+    train_t = Transform(size, channels, mean, std, options.image_size, options.augment)
+    for s in (split, val, test):
+        s.transform, s.train_transform = eval_t, train_t
+    meta = {"input_shape": [channels, *size], "transform": eval_t.describe(), "augment": options.augment,
+            "root": str(root), "files": {"train": len(split), "val": len(val), "test": len(test)}}
+    return Dataset(f"imagefolder:{root}", split, val, test, classes, mean, std,
+                   flip_augment=options.augment != "none", meta=meta)

@@ -1,0 +1,97 @@
+"""Quantize: post-training quantization of a trained float model into a run directory.
+
+The baseline against which distillation and QAT are measured: a float model (the float student
+a ``distill`` run saved as ``float.pt``, a model trained with ``edgekd train``, or an edgekd
+checkpoint file) quantized with Brevitas at the target's conventions, its activation ranges
+calibrated on training images, its biases corrected (``quant.ptq``). Nothing is trained. The
+result is a run directory like ``distill``'s (``method: ptq``), so ``export`` and ``sweep`` take it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import options as op
+from ..core.errors import MissingFileError
+from ..core.fsutil import RUNS_DIR, atomic_dir, write_json, write_text
+from .common import Log, dataset_name, model_meta, quiet, slug
+from .distill import quant_spec
+
+FLOAT_FILES = ("float.pt", "model.pt")  # a distill run's float student, an `edgekd train` model
+
+
+@dataclass
+class QuantizeOptions:
+    weight_bits: int = op.default("weight_bits")
+    act_bits: int = op.default("act_bits")
+    target: str = op.default("target")
+    first_last_bits: int | str = op.default("first_last_bits")
+    calib_samples: int = 1024  # training images the activation ranges are calibrated on
+    bias_correction: bool = True
+    seed: int = op.default("seed")
+
+
+def float_source(source: str | Path) -> Path:
+    """The float model file of ``source``: a run or train directory, or a checkpoint file."""
+    path = Path(source)
+    if path.is_dir():
+        for name in FLOAT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise MissingFileError(f"{path} holds no float model ({' or '.join(FLOAT_FILES)})",
+                               "pass a run written by 'edgekd distill' with a float phase, a directory written by "
+                               "'edgekd train', or a checkpoint file")
+    if not path.is_file():
+        raise MissingFileError(f"no such model or run: {path}", "pass a run directory or a checkpoint file")
+    return path
+
+
+def quantize(source: str | Path, opts: QuantizeOptions, out: Path | None = None, log: Log = quiet) -> dict:
+    """Post-training quantization of the float model of ``source``; returns the run's metrics."""
+    import torch
+
+    from .. import models
+    from ..data import load_dataset
+    from ..quant.ptq import post_training_quantize
+    from ..training import accuracy, as_tensors, set_threads
+
+    set_threads()
+    op.check_bits(opts.weight_bits, opts.act_bits)
+    op.check("first_last_bits", opts.first_last_bits)
+    path = float_source(source)
+    model, meta = models.load_model(path)
+    data = load_dataset(meta["dataset"], seed=meta["seed"])
+    target, spec = quant_spec(_as_distill(opts), log)
+    float_acc = accuracy(model, data.test)
+    x, _ = as_tensors(data.train)
+    n = min(opts.calib_samples, len(x))
+    calib = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(opts.seed))[:n]]
+    started = time.perf_counter()
+    qmodel = post_training_quantize(model, spec, calib, bias_correction=opts.bias_correction)
+    seconds = time.perf_counter() - started
+    acc = accuracy(qmodel, data.test)
+    log(f"{spec.label} post-training quantization of {path} on {n} calibration images "
+        f"({'with' if opts.bias_correction else 'without'} bias correction) in {seconds:.1f}s: test accuracy "
+        f"{acc:.4f} (float {float_acc:.4f})")
+    out = Path(out) if out else RUNS_DIR / slug(dataset_name(meta["dataset"]), meta["arch"], spec.label.lower(), "ptq")
+    metrics = {"teacher_accuracy": None, "student_accuracy": acc, "student_float_accuracy": float_acc,
+               "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "method": "ptq", "epochs": 0,
+               "float_epochs": 0, "dataset": meta["dataset"], "student": meta["arch"],
+               "student_params": models.count_params(model), "target": target.name, "source": str(path),
+               "calib_samples": n, "bias_correction": opts.bias_correction, "seconds": seconds, "history": []}
+    with atomic_dir(out) as tmp:
+        full = model_meta(meta["arch"], data, meta["dataset"], meta["seed"])
+        models.save_checkpoint(tmp / "student.pt", qmodel.state_dict(),
+                               full | {"quant": spec.to_dict(), "target": target.name})
+        write_json(tmp / "recipe.json", {"method": "ptq", "source": str(path), **vars(opts)})
+        write_json(tmp / "metrics.json", metrics)
+        write_text(tmp / "log.txt", f"ptq {spec.label} from {path}: test accuracy {acc:.4f}\n")
+    return metrics | {"run_dir": str(out)}
+
+
+def _as_distill(opts: QuantizeOptions):
+    """The distill options quant_spec reads (bits, target, first/last layers)."""
+    return op.DistillOptions(weight_bits=opts.weight_bits, act_bits=opts.act_bits, target=opts.target,
+                             first_last_bits=opts.first_last_bits)
