@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from edgekd import models, quant, training as tr
 from edgekd.kd import features
@@ -62,11 +63,13 @@ def test_every_method_trains_a_quantized_student(name, tiny, teacher, qstudent):
 def test_adapters_are_trained_with_the_student(tiny, teacher, qstudent):
     objective = Objective.single("fitnet")
     tr.fit(copy.deepcopy(qstudent), tiny, _cfg(), objective, teacher)
-    (adapter,) = objective.terms[1][2].adapters
-    assert isinstance(adapter, torch.nn.Conv2d)  # 16 student channels -> 32 teacher channels
-    weights = adapter.weight.detach().clone()
+    (reg,) = objective.terms[1][2].adapters
+    # ConvReg (RepDistiller, mdistiller): conv + BN + ReLU, at the middle of the 8x8, 4x4, 2x2 resolutions
+    assert [type(m).__name__ for m in reg] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert (reg[0].in_channels, reg[0].out_channels) == (8, 16)  # stage 2: 8 student -> 16 teacher channels
+    weights = reg[0].weight.detach().clone()
     tr.fit(copy.deepcopy(qstudent), tiny, _cfg(), objective, teacher)
-    assert not torch.equal(weights, adapter.weight)
+    assert not torch.equal(weights, reg[0].weight)
 
 
 def test_quantized_student_hooks_give_float_values(tiny, qstudent):
@@ -124,11 +127,93 @@ def test_ensemble_averages_probabilities(teacher):
         assert torch.allclose(logit_mean, (teacher(x) + other(x)) / 2, atol=1e-5)
 
 
+def test_ensemble_hands_its_members_to_the_terms(tiny, teacher, qstudent):
+    other = copy.deepcopy(teacher)
+    for p in other.parameters():
+        p.data.mul_(0.5)
+    ens = schemes.Ensemble([teacher, other], [3.0, 1.0]).eval()
+    objective = Objective.single("kd")  # T = 4
+    loop_teacher = schemes.for_distillation(objective, ens)
+    x, y = torch.from_numpy(tiny.train.x), torch.from_numpy(tiny.train.y)
+    cache = tr.build_teacher_cache(loop_teacher, x)
+    assert cache.logits.shape == (len(x), 2, 3)  # every member's logits, kept by the cache
+    idx, s = torch.arange(8), torch.randn(8, 3)
+    with torch.no_grad():
+        mix = 0.75 * torch.softmax(teacher(x[idx]) / 4, 1) + 0.25 * torch.softmax(other(x[idx]) / 4, 1)
+    # mdistiller kd_loss on the ensemble's softened outputs averaged at T = 4, with CE 0.1 / KD 0.9
+    kd = F.kl_div(torch.log_softmax(s / 4, 1), mix, reduction="none").sum(1).mean() * 16
+    want = 0.1 * F.cross_entropy(s, y[idx]) + 0.9 * kd
+    assert objective(s, cache.get(idx)[0], y[idx])[0].item() == pytest.approx(want.item(), rel=1e-2)
+    for cache_opt in (None, False):  # the loop runs it from the cache and live
+        tr.fit(copy.deepcopy(qstudent), tiny, _cfg(), objective, loop_teacher, cache=cache_opt)
+    by_logits = schemes.Ensemble([teacher, other], mix="logits")
+    assert schemes.for_distillation(objective, by_logits) is by_logits and objective.teacher_weights is None
+
+
+def _ref_dml_kl(logits1, logits2):
+    """YingZhangDUT/Deep-Mutual-Learning, train_models.py kl_loss_compute: KL(p2 || p1), batch mean."""
+    p1, p2 = torch.softmax(logits1, 1), torch.softmax(logits2, 1)
+    return (p2 * torch.log(1e-8 + p2 / (p1 + 1e-8))).sum(1).mean()
+
+
+def test_dml_with_two_peers_sums_one_kl_per_other_network():
+    from edgekd.kd.features import FeatureHooks
+    from edgekd.training.loop import _Step, mutual_loss
+
+    torch.manual_seed(0)
+    s, p1, p2, y = torch.randn(6, 4), torch.randn(6, 4), torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    # _tower_loss: network i's loss is CE_i + the sum over j != i of kl_loss_compute(logits_i, logits_j)
+    want = (F.cross_entropy(p1, y) + _ref_dml_kl(p1, s) + _ref_dml_kl(p1, p2)
+            + F.cross_entropy(p2, y) + _ref_dml_kl(p2, s) + _ref_dml_kl(p2, p1))
+    assert mutual_loss([p1, p2], s, y).item() == pytest.approx(want.item(), rel=1e-5)
+    nets = [torch.nn.Linear(3, 4) for _ in range(3)]
+    step = _Step(nets[0], nets[1:], Objective.single("kd"))
+    step.s_hooks = FeatureHooks(nets[0], ())
+    xb = torch.randn(6, 3)
+    loss = step(xb, y, None, {}, 1.0)[0]
+    with torch.no_grad():
+        s, p1, p2 = (n(xb) for n in nets)
+    kd = sum(F.kl_div(torch.log_softmax(s / 4, 1), torch.softmax(p / 4, 1), reduction="none").sum(1).mean() * 16
+             for p in (p1, p2))  # the student's KD term: one KL per peer, summed
+    want = 0.1 * F.cross_entropy(s, y) + 0.9 * kd + mutual_loss([p1, p2], s, y)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_dml_trains_peers(tiny, qstudent):
-    peer = models.cnn_student(num_classes=3, width=4)
-    before = copy.deepcopy(peer.state_dict())
-    tr.fit(copy.deepcopy(qstudent), tiny, _cfg(), Objective.single("kd"), peers=[peer])
-    assert any(not torch.equal(before[k], v) for k, v in peer.state_dict().items())
+    peers = [models.cnn_student(num_classes=3, width=4) for _ in range(2)]
+    before = [copy.deepcopy(p.state_dict()) for p in peers]
+    tr.fit(copy.deepcopy(qstudent), tiny, _cfg(), Objective.single("kd"), peers=peers)
+    for b, peer in zip(before, peers):
+        assert any(not torch.equal(b[k], v) for k, v in peer.state_dict().items())
+
+
+def test_the_loop_tells_the_objective_where_the_phase_stands(tiny, teacher, qstudent):
+    objective = Objective.single("dkd", warmup=1.0)  # ramp over the whole phase
+    term, seen = objective.terms[1][2], []
+    set_epoch = term.set_epoch
+    term.set_epoch = lambda epoch, epochs: (set_epoch(epoch, epochs), seen.append((epoch, epochs, term.ramp)))
+    tr.fit(copy.deepcopy(qstudent), tiny, _cfg(epochs=2), objective, teacher)
+    # 64 samples in batches of 32: two steps an epoch, each told the epochs done at its end
+    assert seen == [(0.5, 2, 0.25), (1.0, 2, 0.5), (1.5, 2, 0.75), (2.0, 2, 1.0)]
+
+
+def test_assistants_learn_with_the_runs_method(tiny, teacher, monkeypatch):
+    from edgekd.training import loop
+
+    class Opts:
+        assistant_epochs, assistants, float_epochs, epochs, lr, qat_lr = 1, ["cnn-student"], 0, 1, 1e-3, None
+        batch_size, seed, progress, device, amp, cache, order = 32, 0, False, "cpu", False, True, None
+        student = "cnn-student"
+
+    fit, names = loop.fit, []
+    monkeypatch.setattr(loop, "fit", lambda model, data, cfg, objective, *a, **k: (
+        names.append(objective.name), fit(model, data, cfg, objective, *a, **k))[1])
+    monkeypatch.setattr(schemes, "two_phase", lambda run, student, teacher, spec: schemes.Outcome(
+        student, None, 0.0, 0.0, 0, 0.0))
+    run = schemes.Run(opts=Opts(), data=tiny, spec=None, new_objective=lambda: Objective.single("dkd"),
+                      teacher=teacher, log=lambda line: None)
+    schemes.assistant(run)
+    assert names == ["dkd"]  # not hinton: Mirzadeh et al. train every link of the chain with the same loss
 
 
 def test_progressive_schedule():
@@ -228,6 +313,18 @@ def test_recipe_file_drives_distill(npz_data, tmp_path, monkeypatch):
     assert m["method"] == "rkd" and m["order"] == "joint" and m["float_epochs"] == 0
     assert m["teacher_cache"] is True  # npz data has no random flips
     assert m["loss"][1]["student"]  # the automatically chosen layers are recorded
+
+
+def test_fsp_trains_a_first_stage_then_drops_it(npz_data, tmp_path, monkeypatch):
+    from edgekd import api
+
+    monkeypatch.chdir(tmp_path)
+    opts = api.DistillOptions(data=npz_data, weight_bits=4, act_bits=4, epochs=2, float_epochs=1, teacher_epochs=1,
+                              batch_size=32, progress=False, method="fsp", teacher="cnn-teacher")
+    m = api.distill(opts, out=tmp_path / "run")
+    # FSP alone for 1/8 of the 3 epochs (at least 1), before them; then CE only (RepDistiller's init)
+    assert [r["phase"] for r in m["history"]] == ["first stage", "float", "qat", "qat"]
+    assert m["loss"][1]["name"] == "fsp" and len(m["loss"][1]["student"]) >= 2  # recorded with its layers
 
 
 # ---- command line ----------------------------------------------------------------------------------

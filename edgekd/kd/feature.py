@@ -52,29 +52,43 @@ class _FeatureTerm(Term):
 
 
 def _pool_to(x: torch.Tensor, size) -> torch.Tensor:
-    return x if x.ndim < 4 or tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
+    return x if x.ndim < 4 or tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, tuple(size))
+
+
+def common_size(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two maps at one size: height and width compared separately, the larger of each average-pooled
+    to the smaller (RepDistiller's and mdistiller's at_loss compare the heights only and pool to a
+    square, which is wrong for maps that are not square)."""
+    if a.ndim < 4 or b.ndim < 4:
+        return a, b
+    size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
+    return _pool_to(a, size), _pool_to(b, size)
 
 
 @LOSSES.register("fitnet")
 @dataclass(eq=False)
 class FitNets(_FeatureTerm):
-    """Romero et al. 2015 (FitNets hints): MSE between a learned adapter of the student's feature
-    (1x1 conv for maps, linear for vectors, identity when shapes agree) and the teacher's.
+    """Romero et al. 2015 (FitNets hints): MSE between a learned regressor of the student's feature and
+    the teacher's (the hint).
 
-    Default layers: the last student and teacher outputs at the deepest resolution both share.
-    Trained in one stage with CE weight 1 and hint weight 100 (mdistiller's single-stage FitNets).
+    As both reference codes build it (RepDistiller models/util.py and mdistiller distillers/_common.py
+    ``ConvReg``; kd.features.regressor): conv + BN + ReLU to the teacher's channels, one stage, hint
+    weight 100 with CE weight 1 (mdistiller CFG.FITNET; RepDistiller run_cifar_distill.sh ``-b 100``),
+    hint layer 2 of [stem, stage 1, 2, 3] (``HINT_LAYER``/``--hint_layer`` 2), i.e. the middle stage:
+    edgekd's automatic choice is the last output at the middle resolution both networks share. The
+    paper trains the hint in a separate first stage; both codes use one stage, kept here.
     """
 
     weight = 100.0
-    auto = "last"
+    auto = "middle"
 
     def build_adapters(self, probe):
-        from .features import adapter
+        from .features import regressor
 
-        return [adapter(probe.student_shape(s), probe.teacher_shape(t)) for s, t in zip(self.student, self.teacher)]
+        return [regressor(probe.student_shape(s), probe.teacher_shape(t)) for s, t in zip(self.student, self.teacher)]
 
     def forward(self, student_logits, teacher_logits, labels, feats=None):
-        loss = sum(F.mse_loss(_pool_to(a(s), t.shape[-2:]), t) for a, (s, t) in zip(self.adapters, self.pairs(feats)))
+        loss = sum(F.mse_loss(*common_size(a(s), t)) for a, (s, t) in zip(self.adapters, self.pairs(feats)))
         return loss, {"hint": _f(loss)}
 
 
@@ -86,9 +100,14 @@ def attention_map(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 @LOSSES.register("at")
 @dataclass(eq=False)
 class AttentionTransfer(_FeatureTerm):
-    """Zagoruyko & Komodakis 2017: sum over layer pairs of mean((Q_s - Q_t)^2) / 2, Q = attention_map
-    (p=2). Weight beta=1000 (paper). Maps of different sizes: the larger is average-pooled.
-    Default layers: for each resolution both networks share, the last output at it.
+    """Zagoruyko & Komodakis 2017: beta * sum over layer pairs of mean((Q_s - Q_t)^2), Q = attention_map
+    (p=2). No 1/2: the three reference codes (szagoruyko/attention-transfer utils.py ``at_loss`` with
+    cifar.py ``opt.beta * sum(loss_groups)``; RepDistiller distiller_zoo/AT.py; mdistiller
+    distillers/AT.py ``at_loss``) sum the plain means (the paper writes beta/2 times a norm of the
+    difference; beta was tuned with the codes' form). beta = 1000 (their READMEs and configs:
+    ``--beta 1e+3``, ``-b 1000``, CFG.AT FEAT_WEIGHT 1000) with CE weight 1. Maps of different sizes:
+    height and width pooled separately to the smaller. Default layers: for each resolution both
+    networks share, the last output at it (the references pair every stage's output).
     """
 
     p: float = 2.0
@@ -97,6 +116,6 @@ class AttentionTransfer(_FeatureTerm):
     def forward(self, student_logits, teacher_logits, labels, feats=None):
         loss = 0.0
         for s, t in self.pairs(feats):
-            size = min(s.shape[-2:], t.shape[-2:])
-            loss = loss + 0.5 * (attention_map(_pool_to(s, size), self.p) - attention_map(_pool_to(t, size), self.p)).pow(2).mean()
+            s, t = common_size(s, t)
+            loss = loss + (attention_map(s, self.p) - attention_map(t, self.p)).pow(2).mean()
         return loss, {"at": _f(loss)}

@@ -199,11 +199,13 @@ class Probe:
                               "name the layers to pair in the recipe ('student' and 'teacher')")
         if rule == "last":
             shared = shared[-1:]
+        elif rule == "middle":  # stage 2 of 3 or 4: the hint layer of RepDistiller and mdistiller
+            shared = [shared[(len(shared) - 1) // 2]]
         return [s[r] for r in shared], [t[r] for r in shared]
 
 
 def adapter(student_shape: tuple, teacher_shape: tuple, spatial: bool = True) -> nn.Module:
-    """A learned map from student features to the teacher's channels: 1x1 conv for maps, linear
+    """A learned map from student features to the teacher's channels (fsp): 1x1 conv for maps, linear
     for vectors, identity when the channels already agree (sizes are pooled by the terms)."""
     if len(student_shape) != len(teacher_shape):
         raise ConfigError(f"cannot pair a student feature of shape {student_shape} with a teacher feature of "
@@ -216,6 +218,33 @@ def adapter(student_shape: tuple, teacher_shape: tuple, spatial: bool = True) ->
     if len(student_shape) == 1:
         return nn.Linear(cs, ct, bias=False)
     raise ConfigError(f"no adapter for features of shape {student_shape}", "name 2-D or 4-D outputs")
+
+
+def regressor(student_shape: tuple, teacher_shape: tuple) -> nn.Module:
+    """FitNets' regressor as RepDistiller (models/util.py) and mdistiller (distillers/_common.py) build
+    it, ``ConvReg``: a conv to the teacher's channels, batch norm, ReLU. The conv follows their size
+    rules: 3x3 stride 2 when the student's map is twice the teacher's, 4x4 stride-2 transposed when it is
+    half, a valid conv of size (1 + Hs - Ht, 1 + Ws - Wt) when it is larger, 1x1 when equal; height and
+    width are compared separately (they compare heights only). A student map smaller than the teacher's
+    otherwise (they refuse it) gets a 1x1 conv and the term pools the teacher's map down. Vectors: a
+    linear layer (no reference; no batch norm, which a batch of one would break)."""
+    if len(student_shape) != len(teacher_shape):
+        raise ConfigError(f"cannot pair a student feature of shape {student_shape} with a teacher feature of "
+                          f"shape {teacher_shape}", "pair feature maps with maps and vectors with vectors")
+    if len(student_shape) == 1:
+        return nn.Linear(student_shape[0], teacher_shape[0])
+    if len(student_shape) != 3:
+        raise ConfigError(f"no regressor for features of shape {student_shape}", "name 2-D or 4-D outputs")
+    (cs, hs, ws), (ct, ht, wt) = student_shape, teacher_shape
+    if (hs, ws) == (2 * ht, 2 * wt):
+        conv = nn.Conv2d(cs, ct, 3, stride=2, padding=1)
+    elif (2 * hs, 2 * ws) == (ht, wt):
+        conv = nn.ConvTranspose2d(cs, ct, 4, stride=2, padding=1)
+    elif hs >= ht and ws >= wt:
+        conv = nn.Conv2d(cs, ct, (1 + hs - ht, 1 + ws - wt))
+    else:
+        conv = nn.Conv2d(cs, ct, 1)
+    return nn.Sequential(conv, nn.BatchNorm2d(ct), nn.ReLU())
 
 
 def layer_table(model: nn.Module, x: torch.Tensor) -> list[dict]:

@@ -4,8 +4,10 @@ A *term* is an ``nn.Module`` dataclass: its hyper-parameters are dataclass field
 paper's defaults, learned adapters (feature terms) are submodules, so they follow ``.to(device)``,
 ``state_dict`` and the optimizer with the student. It is called as ``term(student_logits,
 teacher_logits, labels, feats)`` and returns the scalar loss and a dict of its named parts
-(floats, for logging). ``teacher_logits`` is None for terms that need no teacher; ``feats`` (a
-``kd.features.Feats``) holds the outputs of the layers a feature term names.
+(floats, for logging). ``teacher_logits`` is None for terms that need no teacher, or a
+``kd.teachers.Teachers`` for a multi-teacher ensemble or several DML peers (the terms read it through
+the helpers of kd.teachers); ``feats`` (a ``kd.features.Feats``) holds the outputs of the layers a
+feature term names. ``set_epoch`` tells the terms where the phase stands (DKD's warm-up).
 
 Every term states its paper defaults twice: its own hyper-parameters and, as class attributes,
 ``weight`` (its weight in the sum) and ``ce_weight`` (the weight of the cross-entropy on labels
@@ -24,6 +26,8 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.registry import Registry, suggest
+from .features import LOGITS, Feats
+from .teachers import Teachers
 
 LOSSES: Registry = Registry("distillation method")
 
@@ -46,12 +50,16 @@ class Term(nn.Module):
     ce_weight = 1.0  # paper default weight of the label cross-entropy that goes with it
     student_layers: tuple[str, ...] = ()
     teacher_layers: tuple[str, ...] = ()
+    first_stage = False  # trained alone in a first stage, then dropped (fsp; run by training.schemes)
 
     def __post_init__(self):
         nn.Module.__init__(self)  # dataclass fields are set first: plain attributes, kept
 
     def setup(self, probe) -> None:
         """Resolve layer names and build adapters (feature terms); ``probe`` is a kd.features.Probe."""
+
+    def set_epoch(self, epoch: float, epochs: int) -> None:
+        """Where the phase stands (see Objective.set_epoch); terms with a schedule override it."""
 
     @property
     def wants_layers(self) -> bool:
@@ -111,6 +119,9 @@ class Objective(nn.Module):
         self.names = [n for n, _, _ in terms]
         self.weights = [w for _, w, _ in terms]
         self.members = nn.ModuleList([t for _, _, t in terms])
+        # set by training.schemes for a multi-teacher ensemble: teacher outputs of shape (batch, members,
+        # classes) are then read as a kd.Teachers with these weights (mix "probs")
+        self.teacher_weights: torch.Tensor | None = None
 
     @property
     def terms(self) -> list[tuple[str, float, Term]]:
@@ -168,7 +179,44 @@ class Objective(nn.Module):
         for term in self.members:
             term.setup(probe)
 
+    def set_epoch(self, epoch: float, epochs: int) -> None:
+        """Where training stands, for terms with a schedule (DKD's warm-up): ``epoch`` is the number of
+        epochs done at the end of the coming step (fractional: training.loop calls this before every
+        step), ``epochs`` the phase's."""
+        for term in self.members:
+            term.set_epoch(epoch, epochs)
+
+    def stages(self) -> tuple["Objective | None", "Objective"]:
+        """(the first-stage objective, or None; the objective after it). A first-stage term (fsp) is
+        trained alone first and then dropped, as Yim et al. and RepDistiller do; what remains is
+        trained after it (cross-entropy when nothing remains)."""
+        first = [(n, w, t) for n, w, t in self.terms if t.first_stage]
+        if not first:
+            return None, self
+        rest = [(n, w, t) for n, w, t in self.terms if not t.first_stage]
+        if not rest:
+            from .response import CrossEntropy
+
+            rest = [("ce", 1.0, CrossEntropy())]
+        return self._like(first), self._like(rest)
+
+    def _like(self, terms) -> "Objective":
+        out = Objective(terms)
+        out.teacher_weights = self.teacher_weights
+        return out
+
+    def read_teachers(self, teacher_logits, feats):
+        """An ensemble's member logits (batch, members, classes) as a kd.Teachers; a feature term naming
+        ``logits`` then gets the group's single output (kd.Teachers.as_logits)."""
+        t = teacher_logits
+        if self.teacher_weights is not None and isinstance(t, torch.Tensor) and t.ndim == 3:
+            t = Teachers(t.transpose(0, 1), self.teacher_weights, "probs")
+        if isinstance(t, Teachers) and feats is not None and LOGITS in feats.teacher:
+            feats = Feats(feats.student, {**feats.teacher, LOGITS: t.as_logits()})
+        return t, feats
+
     def forward(self, student_logits, teacher_logits, labels, feats=None):
+        teacher_logits, feats = self.read_teachers(teacher_logits, feats)
         total, parts = 0.0, {}
         for name, weight, term in self.terms:
             value, sub = term(student_logits, teacher_logits, labels, feats)

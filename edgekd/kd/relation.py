@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import ConfigError
-from .feature import _FeatureTerm, _pool_to
+from .feature import _FeatureTerm, common_size
 from .objective import LOSSES, _f
 
 
@@ -58,9 +58,11 @@ class RelationalKD(_FeatureTerm):
 
 
 def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Yim et al. 2017: G = a^T b / (H W) between two maps (the larger is average-pooled)."""
-    size = min(a.shape[-2:], b.shape[-2:])
-    a, b = _pool_to(a, size).flatten(2), _pool_to(b, size).flatten(2)
+    """Yim et al. 2017: G = a^T b / (H W) between two maps (height and width of the larger pooled
+    separately to the smaller). RepDistiller's ``FSP.compute_fsp`` builds the transpose, (b a^T) / HW:
+    the same squared differences."""
+    a, b = common_size(a, b)
+    a, b = a.flatten(2), b.flatten(2)
     return torch.bmm(a, b.transpose(1, 2)) / a.shape[-1]
 
 
@@ -68,10 +70,29 @@ def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @dataclass(eq=False)
 class FlowOfSolution(_FeatureTerm):
     """Yim et al. 2017 (FSP): mean squared difference between student and teacher Gram matrices of
-    consecutive layer pairs (l1, l2), (l2, l3), ... Student maps whose channels differ from the
-    teacher's pass a learned 1x1 conv. Weight 1 (the paper weights all pairs equally).
-    Default layers: for each resolution both networks share, the last output at it (at least 2).
+    consecutive layer pairs (l1, l2), (l2, l3), ..., summed over the pairs (RepDistiller
+    distiller_zoo/FSP.py, ``sum(loss_group)`` in helper/pretrain.py ``init``).
+
+    A first stage, as in the paper (stage 1: the FSP loss alone; stage 2: the task) and RepDistiller
+    (``init``, 30 ``init_epochs`` before 240 epochs of CE, the FSP term then dropped): training.schemes
+    trains the float student with this term alone for ``stage`` x the run's training epochs (float +
+    QAT; 30/240 = 0.125, rounded, at least 1 epoch) before those epochs, then trains them without it.
+    Student maps whose channels differ from the teacher's pass a learned 1x1 conv (RepDistiller
+    requires equal channels). Default layers: for each resolution both networks share, the last output
+    at it (at least 2). Used directly in a training loop (no scheme), the term is trained jointly.
     """
+
+    stage: float = 0.125
+    first_stage = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stage <= 0:
+            raise ConfigError(f"stage must be positive (a fraction of the run's epochs), got {self.stage}")
+
+    def stage_epochs(self, epochs: int) -> int:
+        """The first stage's length for a run of ``epochs`` training epochs."""
+        return max(1, round(self.stage * epochs))
 
     def build_adapters(self, probe):
         from .features import adapter

@@ -28,6 +28,7 @@ from torch import nn
 from ..core.errors import EdgekdError
 from ..data import Dataset
 from ..kd.features import LOGITS, Feats, FeatureHooks, Probe
+from ..kd.teachers import Teachers
 from . import distributed as dd
 from .cache import TeacherCache, teacher_cache
 from .checkpoint import Interrupted, StopSignals
@@ -81,11 +82,12 @@ def fit(model: nn.Module, data: Dataset, cfg: FitConfig, loss_fn, teacher: nn.Mo
 
     ``loss_fn`` is a kd.Objective (an nn.Module: its adapters train and move with the model) or
     any callable of the three tensors. ``peers`` are trained alongside (online mutual learning):
-    the model's "teacher logits" are then the peers' mean output. ``cache``: a TeacherCache to
-    reuse, True/None to build one when the pipeline is deterministic (``cfg.flip`` off), False for
-    none. ``checkpoint``: a checkpoint.PhaseCheckpoint; its state is restored (a finished phase is
-    not trained again), saved after every epoch, and saved mid-epoch on SIGINT/SIGTERM, which then
-    raise checkpoint.Interrupted. Under torchrun the steps run in DistributedDataParallel.
+    the model's "teacher logits" are then the peers' (a kd.Teachers "each" group for several: one term
+    per peer, summed). ``cache``: a TeacherCache to reuse, True/None to build one when the pipeline is
+    deterministic (``cfg.flip`` off), False for none. ``checkpoint``: a checkpoint.PhaseCheckpoint; its
+    state is restored (a finished phase is not trained again), saved after every epoch, and saved
+    mid-epoch on SIGINT/SIGTERM, which then raise checkpoint.Interrupted. Under torchrun the steps run
+    in DistributedDataParallel.
     """
     phase = Phase(model, data, cfg, loss_fn, teacher, list(peers or []), checkpoint)
     phase.prepare(cache)
@@ -192,7 +194,10 @@ class Phase:
             st.order = torch.randperm(len(self.x), generator=self.gen)
         bar = tqdm(total=self.steps, initial=st.step, desc=f"{cfg.desc} {epoch}/{cfg.epochs}", leave=False,
                    disable=not cfg.progress or not sys.stderr.isatty() or not dd.is_main(), dynamic_ncols=True)
+        schedule = getattr(self.loss_fn, "set_epoch", None)  # the objective's schedules (DKD's warm-up)
         while st.step < self.steps:
+            if schedule is not None:
+                schedule(epoch - 1 + (st.step + 1) / self.steps, cfg.epochs)
             self.train_step(epoch)
             bar.set_postfix(loss=f"{st.sums[2] / st.sums[0]:.4f}", acc=f"{st.sums[1] / st.sums[0]:.3f}")
             bar.update()
@@ -323,14 +328,17 @@ def compute_loss(loss_fn, logits, t_logits, labels, feats):
 
 
 def mutual_loss(peer_logits: list[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """DML (Zhang et al. 2018) for the peers: CE + KL(mean of the other networks || peer) at T=1."""
+    """DML (Zhang et al. 2018) for the peers: CE + one KL(other || peer) at T=1 per other network (the
+    student and the other peers), summed as the authors' code does (YingZhangDUT/Deep-Mutual-Learning,
+    train_models.py ``_tower_loss``; the paper's Eq. 10 averages over the K-1 others instead)."""
     from ..kd import kd_divergence
 
     everyone = [logits.detach()] + [p.detach() for p in peer_logits]
     loss = 0.0
     for i, p in enumerate(peer_logits):
-        others = torch.stack([e for j, e in enumerate(everyone) if j != i + 1]).mean(0)
-        loss = loss + F.cross_entropy(p, labels) + kd_divergence(p, others, 1.0)
+        loss = loss + F.cross_entropy(p, labels)
+        for other in (e for j, e in enumerate(everyone) if j != i + 1):
+            loss = loss + kd_divergence(p, other, 1.0)
     return loss
 
 
@@ -349,8 +357,9 @@ class _Step(nn.Module):
         logits = self.model(xb)
         feats.student = self.s_hooks.take()
         peer_logits = [p(xb) for p in self.peers]
-        if self.peers:
-            t_logits = torch.stack(peer_logits).mean(0).detach()
+        if self.peers:  # one term per peer, summed (DML's reference): a kd.Teachers "each" group
+            detached = [p.detach() for p in peer_logits]
+            t_logits = detached[0] if len(detached) == 1 else Teachers.each(detached)
         feats.student[LOGITS], feats.teacher[LOGITS] = logits, t_logits
         loss, parts = compute_loss(self.loss_fn, logits, t_logits, yb, feats)
         if self.peers:

@@ -2,20 +2,24 @@
 
 Every scheme takes a ``Run`` (data, options, the final quantization spec, a factory for fresh
 objectives, a log) and returns an ``Outcome`` (the quantized student and its numbers). They all
-reuse ``two_phase``: float KD for ``float_epochs`` when the order is ``float-first``, then
-quantization-aware training with the same objective (``joint``: QAT with KD from the first step).
+reuse ``two_phase``: a first stage when the objective has one (fsp: that term alone, then dropped),
+float KD for ``float_epochs`` when the order is ``float-first``, then quantization-aware training with
+the same objective (``joint``: QAT with KD from the first step).
 
 - ``offline``     (default) a fixed, pre-trained teacher (one, or several averaged: ``Ensemble``).
 - ``born-again``  Furlanello et al. 2018: generation k is taught by generation k-1's student.
 - ``dml``         Zhang et al. 2018, deep mutual learning: float peers trained with the student,
-                  each learning from the others (CE + KL at T=1); no pre-trained teacher.
-- ``assistant``   Mirzadeh et al. 2020, teacher assistants: teacher -> assistant(s) -> student.
+                  each learning from every other network (CE + one KL at T=1 per other network,
+                  summed); no pre-trained teacher.
+- ``assistant``   Mirzadeh et al. 2020, teacher assistants: teacher -> assistant(s) -> student,
+                  every link trained with the run's method.
 - ``progressive`` a bit schedule (e.g. 8 -> 4 -> 2): each stage starts from the previous
                   stage's weights and is distilled from it.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -32,10 +36,14 @@ PROGRESSIVE_BITS = (8, 4, 2)
 
 
 class Ensemble(nn.Module):
-    """Several teachers as one: a weighted average of their soft targets.
+    """Several teachers as one (weights normalized to sum 1).
 
-    ``mix="probs"`` (default) returns log(sum_i w_i softmax(z_i)), whose softmax is the averaged
-    distribution; ``mix="logits"`` returns sum_i w_i z_i. Features come from the first teacher.
+    Called, it is a classifier (its accuracy, a single output): ``mix="probs"`` (default) returns
+    log(sum_i w_i softmax(z_i)), whose softmax is the average of the members' distributions;
+    ``mix="logits"`` returns sum_i w_i z_i. To distill, the schemes run ``member_logits()`` instead and
+    the objective reads the members as a kd.Teachers, so that every term that softens (hinton, kd, dkd)
+    gets sum_i w_i softmax(z_i / T) at its own T: the average of the softened outputs, which
+    log(mix at T = 1) / T is not once T > 1. Features come from the first teacher.
     """
 
     def __init__(self, teachers: list[nn.Module], weights: list[float] | None = None, mix: str = "probs"):
@@ -60,6 +68,35 @@ class Ensemble(nn.Module):
         if self.mix == "logits":
             return (w * outs).sum(0)
         return torch.logsumexp(F.log_softmax(outs, dim=2) + w.log(), dim=0)
+
+    def member_logits(self) -> "MemberLogits":
+        return MemberLogits(self)
+
+
+class MemberLogits(nn.Module):
+    """An Ensemble as the training loop runs it: the members' logits stacked, (batch, members, classes),
+    so that the teacher cache keeps them all and Objective.read_teachers mixes them per term."""
+
+    def __init__(self, ensemble: Ensemble):
+        super().__init__()
+        self.ensemble = ensemble
+
+    @property
+    def feature_source(self) -> nn.Module:
+        return self.ensemble.members[0]
+
+    def forward(self, x):
+        return torch.stack([m(x) for m in self.ensemble.members], dim=1)
+
+
+def for_distillation(objective, teacher: nn.Module | None) -> nn.Module | None:
+    """The teacher as the loop runs it for ``objective``: a probability-averaging ensemble hands over its
+    members' logits (the objective learns their weights); any other teacher is itself."""
+    objective.teacher_weights = None
+    if isinstance(teacher, Ensemble) and teacher.mix == "probs":
+        objective.teacher_weights = teacher.weights.detach().cpu().clone()
+        return teacher.member_logits()
+    return teacher
 
 
 @dataclass
@@ -130,8 +167,9 @@ def _epoch_logger(run: Run, label: str, phase: str):
 
 
 def prepare(run: Run, objective, student: nn.Module, teacher: nn.Module | None):
-    """Resolve the objective's layers on this student/teacher pair and build the teacher cache
-    (shared by the float and QAT phases: same teacher, same training inputs)."""
+    """Resolve the objective's layers on this student/teacher pair; return the teacher as the loop runs
+    it (for_distillation) and the teacher cache (shared by every phase of this student: same teacher,
+    same training inputs), or False for none."""
     from ..kd.features import Probe
     from .cache import teacher_cache
     from .evaluate import as_tensors
@@ -139,18 +177,48 @@ def prepare(run: Run, objective, student: nn.Module, teacher: nn.Module | None):
     x, _ = as_tensors(run.data.train)
     if objective.needs_setup:
         objective.setup(Probe(student, teacher, x[:8]))
+    teacher = for_distillation(objective, teacher)
     if teacher is None or not run.opts.cache:
         if teacher is not None:
             run.log("teacher cache off: disabled by the cache option")
-        return False
+        return teacher, False
     cache = teacher_cache(teacher, x, run.data.flip_augment, objective.teacher_layers, run.log)
     run.cache_used.append(cache is not None)
-    return cache if cache is not None else False
+    return teacher, cache if cache is not None else False
+
+
+def first_stage(run: Run, objective, student: nn.Module, teacher, cache, epochs: int, desc: str) -> tuple:
+    """Train the float student with the objective's first-stage terms alone (fsp: Yim et al.'s stage 1,
+    RepDistiller's ``init``), for the terms' share of ``epochs`` (FlowOfSolution.stage_epochs), and keep
+    its last state (not the best validation accuracy: the classifier is not trained in this stage).
+    Returns (the objective to train after it, seconds)."""
+    from . import loop as tr
+
+    stage, rest = objective.stages()
+    if stage is None:
+        return objective, 0.0
+    n = max(t.stage_epochs(epochs) for t in stage.members)
+    cfg = _fit_cfg(run, n, run.opts.lr, run.opts.seed, f"{desc} first stage")
+    checkpoint, last = run.phase(cfg.desc), {}
+    log = _epoch_logger(run, cfg.desc, "first stage")
+
+    def on_epoch(row):
+        log(row)
+        last["state"] = copy.deepcopy(student.state_dict())
+
+    after = rest.name if rest.name != "none" else "CE"
+    run.log(f"{cfg.desc}: {stage.name} alone for {n} epoch{'s' * (n != 1)}, then {after}")
+    res = tr.fit(student, run.data, cfg, stage, teacher, on_epoch, cache=cache, checkpoint=checkpoint)
+    state = last.get("state") or ((checkpoint.load() or {}).get("model") if checkpoint is not None else None)
+    if state is not None:  # a finished stage restored by --resume: its file holds the last state
+        student.load_state_dict(state)
+    return rest, res.seconds
 
 
 def two_phase(run: Run, student: nn.Module, teacher: nn.Module | None, spec, *, epochs: int | None = None,
               float_epochs: int | None = None, peers=None, tag: str = "", init_from: nn.Module | None = None) -> Outcome:
-    """Float KD (float-first order) then QAT with KD, both with a fresh objective from the run."""
+    """A first stage when the objective has one (fsp; not for a student that starts from a previous
+    stage's weights), float KD (float-first order), then QAT with KD, all with one fresh objective."""
     from .. import quant
     from . import loop as tr
     from .evaluate import accuracy
@@ -160,13 +228,18 @@ def two_phase(run: Run, student: nn.Module, teacher: nn.Module | None, spec, *, 
     float_epochs = run.float_epochs if float_epochs is None else float_epochs
     objective = run.new_objective()
     run.objectives.append(objective)
-    cache = prepare(run, objective, student, teacher)
+    teacher, cache = prepare(run, objective, student, teacher)
     float_acc, seconds = None, 0.0
+    if init_from is None:
+        objective, seconds = first_stage(run, objective, student, teacher, cache, float_epochs + epochs,
+                                         f"float student{tag}")
+    else:  # a later progressive stage: the weights went through the first stage already
+        objective = objective.stages()[1]
     if float_epochs:
         cfg = _fit_cfg(run, float_epochs, o.lr, o.seed, f"float student{tag}")
         res = tr.fit(student, run.data, cfg, objective, teacher, _epoch_logger(run, f"float{tag}", "float"),
                      peers=peers, cache=cache, checkpoint=run.phase(cfg.desc))
-        float_acc, seconds = accuracy(student, run.data.test), res.seconds
+        float_acc, seconds = accuracy(student, run.data.test), seconds + res.seconds
         run.log(f"float student{tag} test accuracy {float_acc:.4f}")
     qmodel = quant.quantize(student, spec)
     if init_from is not None:
@@ -228,7 +301,10 @@ def born_again(run: Run) -> Outcome:
 @SCHEMES.register("dml")
 def dml(run: Run) -> Outcome:
     """Deep mutual learning: ``peers`` float students (same architecture, other seeds) learn with
-    the quantized student; the objective's teacher logits are the peers' mean output."""
+    the quantized student. The objective's teacher terms (KL, DKD, MSE) are computed once per peer and
+    summed (a kd.Teachers "each" group); each peer learns CE + one KL per other network
+    (training.loop.mutual_loss), as the authors' code sums them (YingZhangDUT/Deep-Mutual-Learning,
+    train_models.py ``_tower_loss``)."""
     objective = run.new_objective()
     if objective.wants_layers:
         raise ConfigError("dml uses logit terms only (the peers have no fixed features)",
@@ -240,9 +316,10 @@ def dml(run: Run) -> Outcome:
 @SCHEMES.register("assistant")
 def assistant(run: Run) -> Outcome:
     """Teacher -> assistant(s) -> student: each assistant (a float model, ``assistants`` in order)
-    is distilled from the previous teacher for ``assistant_epochs``, then teaches the next."""
+    is distilled from the previous teacher for ``assistant_epochs`` with the run's method, then teaches
+    the next (Mirzadeh et al. train every link of the chain with the same loss:
+    imirzadeh/Teacher-Assistant-Knowledge-Distillation, train.py ``TrainManager.train``)."""
     from .. import models
-    from ..kd import Objective
     from . import loop as tr
     from .evaluate import accuracy
 
@@ -251,12 +328,14 @@ def assistant(run: Run) -> Outcome:
     epochs = o.assistant_epochs or max(1, o.float_epochs + o.epochs)
     for arch in o.assistants:
         model = models.build_model(arch, run.data.num_classes, run.data.input_shape)
-        objective = Objective.single("hinton", temperature=o.temperature, alpha=o.alpha)
-        cache = prepare(run, objective, model, teacher)
-        cfg = _fit_cfg(run, epochs, o.lr, o.seed, f"assistant {arch}")
-        res = tr.fit(model, run.data, cfg, objective, teacher, _epoch_logger(run, f"assistant {arch}", "assistant"),
+        desc = f"assistant {arch}"
+        objective = run.new_objective()
+        loop_teacher, cache = prepare(run, objective, model, teacher)
+        objective, stage_seconds = first_stage(run, objective, model, loop_teacher, cache, epochs, desc)
+        cfg = _fit_cfg(run, epochs, o.lr, o.seed, desc)
+        res = tr.fit(model, run.data, cfg, objective, loop_teacher, _epoch_logger(run, desc, "assistant"),
                      cache=cache, checkpoint=run.phase(cfg.desc))
-        seconds += res.seconds
+        seconds += stage_seconds + res.seconds
         run.log(f"assistant {arch}: test accuracy {accuracy(model, run.data.test):.4f}")
         teacher = _frozen(model)
     out = two_phase(run, _build_student(run), teacher, run.spec)
@@ -296,6 +375,4 @@ def progressive(run: Run) -> Outcome:
 
 
 def _clone(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model)
