@@ -112,12 +112,7 @@ def build_engine(onnx_path: Path, out_dir: Path, options: dict, dla_cores: int |
                               f"gpu_fallback is off: {', '.join(refused[:5])}",
                               "set gpu_fallback = true, or dla_core = -1 to build for the GPU")
     device = _device_name()
-    cache_file = None
-    if options.get("timing_cache", "timing.cache"):
-        cache_file = Path(out_dir) / timing_cache_name(device, trt.__version__, plan.precision,
-                                                       options.get("timing_cache", "timing.cache"))
-        blob = cache_file.read_bytes() if cache_file.is_file() else b""
-        config.set_timing_cache(config.create_timing_cache(blob), False)  # ignore_mismatch=False
+    cache_file = _timing_cache(config, Path(out_dir), device, trt.__version__, plan, options)
     log(f"building a TensorRT {trt.__version__} engine on {device} ({plan.precision}, "
         f"{'strongly' if plan.strongly_typed else 'weakly'} typed, batch {plan.batch_profile[0]}.."
         f"{plan.batch_profile[2]}, opt {plan.batch_profile[1]})")
@@ -125,18 +120,10 @@ def build_engine(onnx_path: Path, out_dir: Path, options: dict, dla_cores: int |
     if serialized is None:
         raise EdgekdError("TensorRT could not build an engine from the bundle (see its log above)",
                           "try a larger workspace_mb, or dla_core = -1")
-    engine_path = Path(out_dir) / ENGINE_FILE
-    engine_path.write_bytes(bytes(serialized))
+    (Path(out_dir) / ENGINE_FILE).write_bytes(bytes(serialized))
     if cache_file is not None:
         cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
-    runtime = trt.Runtime(logger)
-    if plan.dla_core >= 0:
-        runtime.DLA_core = plan.dla_core
-    engine = runtime.deserialize_cuda_engine(serialized)
-    if engine is None:
-        raise EdgekdError(f"TensorRT built {engine_path} but cannot load it back", "see TensorRT's log above")
-    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
-    (Path(out_dir) / LAYERS_FILE).write_text(info)
+    info = _inspect(trt, logger, serialized, plan, Path(out_dir))
     result = {"trt_version": trt.__version__, "device": device, "plan": _plan_record(plan),
               "precision": plan.precision, "batch_profile": list(plan.batch_profile),
               "timing_cache": cache_file.name if cache_file else None, "engine_file": ENGINE_FILE,
@@ -146,8 +133,32 @@ def build_engine(onnx_path: Path, out_dir: Path, options: dict, dla_cores: int |
         result["dla"]["placement"] = placement
         result["precision"] = result["dla"]["precision"]
         log(f"DLA core {plan.dla_core}: {result['dla']['note']}")
-    del engine, runtime
     return result
+
+
+def _timing_cache(config, out_dir: Path, device: str, version: str, plan: BuildPlan, options: dict) -> Path | None:
+    """The timing cache file for this GPU, version and precision, loaded into ``config`` (None: disabled)."""
+    base = options.get("timing_cache", "timing.cache")
+    if not base:
+        return None
+    cache_file = out_dir / timing_cache_name(device, version, plan.precision, base)
+    blob = cache_file.read_bytes() if cache_file.is_file() else b""
+    config.set_timing_cache(config.create_timing_cache(blob), False)  # ignore_mismatch=False
+    return cache_file
+
+
+def _inspect(trt, logger, serialized, plan: BuildPlan, out_dir: Path) -> str:
+    """Load the engine back and save the engine inspector's layer information (JSON); returns it."""
+    runtime = trt.Runtime(logger)
+    if plan.dla_core >= 0:
+        runtime.DLA_core = plan.dla_core
+    engine = runtime.deserialize_cuda_engine(serialized)
+    if engine is None:
+        raise EdgekdError(f"TensorRT built {out_dir / ENGINE_FILE} but cannot load it back", "see TensorRT's log above")
+    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    (out_dir / LAYERS_FILE).write_text(info)
+    del engine, runtime
+    return info
 
 
 def _plan_record(plan: BuildPlan) -> dict:

@@ -84,66 +84,76 @@ def check_qdq_rules(onnx_model) -> list[str]:
             users.setdefault(name, []).append((node, i))
     problems = []
     for node in model.graph.node:
-        if node.op_type not in QDQ_OPS:
-            continue
-        where = f"{node.op_type} {node.name or node.output[0]}"
-        inputs = list(node.input) + [""] * (3 - len(node.input))
-        if len(node.input) < 3 or not all(inputs[:3]):
-            problems.append(f"{where}: {len([n for n in node.input if n])} inputs; TensorRT 8.5's parser requires 3 "
-                            "(scale and an int8 zero point; without one ONNX means uint8)")
-        data = consts.get(inputs[0])
-        scale = consts.get(inputs[1])
-        zp = consts.get(inputs[2]) if inputs[2] else None
-        if node.op_type == "DequantizeLinear" and data is not None:
-            if data.dtype == np.int32:
-                problems.append(f"{where}: int32 input (an int32 bias); TensorRT's parser dequantizes int8 only: "
-                                "keep the bias float (QuantSpec bias='float')")
-                continue
-            if data.dtype != np.int8:
-                problems.append(f"{where}: {data.dtype} input; TensorRT's parser dequantizes int8 only")
-        if zp is not None:
-            if zp.dtype == np.uint8:
-                problems.append(f"{where}: uint8 zero point (uint8 quantization); TensorRT takes int8 only "
-                                "(QuantSpec act_after_relu='signed')")
-            elif zp.dtype != np.int8:
-                problems.append(f"{where}: {zp.dtype} zero point; TensorRT takes int8 only")
-            if np.any(zp != 0):
-                nz = sorted({int(v) for v in np.unique(zp) if v != 0})[:3]
-                problems.append(f"{where}: zero point {nz[0] if len(nz) == 1 else nz}, not 0; TensorRT supports "
-                                "symmetric quantization only")
-        elif inputs[2]:
-            problems.append(f"{where}: zero point {inputs[2]!r} is computed at run time; TensorRT needs a constant 0")
-        if scale is None:
-            problems.append(f"{where}: scale {inputs[1]!r} is not a constant")
-            continue
-        if not np.all(scale > 0):
-            problems.append(f"{where}: scales must all be positive")
-        if scale.size == 1:
-            continue
-        # per-channel: only weights, on the output-channel axis of the op that consumes them
-        if data is None:
-            problems.append(f"{where}: per-channel scale ({scale.size}) on a tensor computed at run time; TensorRT "
-                            "quantizes activations per tensor only")
-            continue
-        axis = _attr(node, "axis")
-        if axis is None:
-            problems.append(f"{where}: per-channel scale without an axis attribute (ONNX means axis 1, TensorRT's "
-                            "parser reads axis 0): write the axis")
-            continue
-        axis = axis + data.ndim if axis < 0 else axis
-        if node.op_type == "QuantizeLinear":  # constant float weight -> Q -> DQ -> op: the DQ is checked
-            continue
-        sites = users.get(node.output[0], [])
-        wanted = {(c.op_type, _weight_axis(c, i, data.ndim)) for c, i in sites}
-        if not sites or any(w is None for _, w in wanted):
-            ops = ", ".join(sorted({c.op_type for c, _ in sites})) or "nothing"
-            problems.append(f"{where}: per-channel scale on a constant that feeds {ops}, not the weight input of a "
-                            "Conv, ConvTranspose, Gemm or MatMul")
-            continue
-        for op, want in sorted(wanted):
-            if axis != want:
-                problems.append(f"{where}: per-channel scale on axis {axis}; the output channels of {op}'s weight "
-                                f"are axis {want}")
+        if node.op_type in QDQ_OPS:
+            problems += _node_problems(node, consts, users)
+    return problems
+
+
+def _node_problems(node, consts: dict, users: dict) -> list[str]:
+    """TensorRT's rules for one QuantizeLinear / DequantizeLinear node."""
+    problems = []
+    where = f"{node.op_type} {node.name or node.output[0]}"
+    inputs = list(node.input) + [""] * (3 - len(node.input))
+    if len(node.input) < 3 or not all(inputs[:3]):
+        problems.append(f"{where}: {len([n for n in node.input if n])} inputs; TensorRT 8.5's parser requires 3 "
+                        "(scale and an int8 zero point; without one ONNX means uint8)")
+    data = consts.get(inputs[0])
+    scale = consts.get(inputs[1])
+    zp = consts.get(inputs[2]) if inputs[2] else None
+    if node.op_type == "DequantizeLinear" and data is not None:
+        if data.dtype == np.int32:
+            problems.append(f"{where}: int32 input (an int32 bias); TensorRT's parser dequantizes int8 only: "
+                            "keep the bias float (QuantSpec bias='float')")
+            return problems
+        if data.dtype != np.int8:
+            problems.append(f"{where}: {data.dtype} input; TensorRT's parser dequantizes int8 only")
+    if zp is not None:
+        if zp.dtype == np.uint8:
+            problems.append(f"{where}: uint8 zero point (uint8 quantization); TensorRT takes int8 only "
+                            "(QuantSpec act_after_relu='signed')")
+        elif zp.dtype != np.int8:
+            problems.append(f"{where}: {zp.dtype} zero point; TensorRT takes int8 only")
+        if np.any(zp != 0):
+            nz = sorted({int(v) for v in np.unique(zp) if v != 0})[:3]
+            problems.append(f"{where}: zero point {nz[0] if len(nz) == 1 else nz}, not 0; TensorRT supports "
+                            "symmetric quantization only")
+    elif inputs[2]:
+        problems.append(f"{where}: zero point {inputs[2]!r} is computed at run time; TensorRT needs a constant 0")
+    if scale is None:
+        problems.append(f"{where}: scale {inputs[1]!r} is not a constant")
+        return problems
+    if not np.all(scale > 0):
+        problems.append(f"{where}: scales must all be positive")
+    return _axis_problems(node, where, data, scale, users, problems)
+
+
+def _axis_problems(node, where: str, data, scale, users: dict, problems: list[str]) -> list[str]:
+    """Per-channel scales: only on constant weights, on the output-channel axis of the op that uses them."""
+    if scale.size == 1:
+        return problems
+    if data is None:
+        problems.append(f"{where}: per-channel scale ({scale.size}) on a tensor computed at run time; TensorRT "
+                        "quantizes activations per tensor only")
+        return problems
+    axis = _attr(node, "axis")
+    if axis is None:
+        problems.append(f"{where}: per-channel scale without an axis attribute (ONNX means axis 1, TensorRT's "
+                        "parser reads axis 0): write the axis")
+        return problems
+    axis = axis + data.ndim if axis < 0 else axis
+    if node.op_type == "QuantizeLinear":  # constant float weight -> Q -> DQ -> op: the DQ is checked
+        return problems
+    sites = users.get(node.output[0], [])
+    wanted = {(c.op_type, _weight_axis(c, i, data.ndim)) for c, i in sites}
+    if not sites or any(w is None for _, w in wanted):
+        ops = ", ".join(sorted({c.op_type for c, _ in sites})) or "nothing"
+        problems.append(f"{where}: per-channel scale on a constant that feeds {ops}, not the weight input of a "
+                        "Conv, ConvTranspose, Gemm or MatMul")
+        return problems
+    for op, want in sorted(wanted):
+        if axis != want:
+            problems.append(f"{where}: per-channel scale on axis {axis}; the output channels of {op}'s weight "
+                            f"are axis {want}")
     return problems
 
 

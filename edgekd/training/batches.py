@@ -1,0 +1,114 @@
+"""Where a training phase's batches come from: a split held in memory, or one decoded lazily.
+
+Both give, for an epoch's seeded sample order, the global batches from a given step on, each as
+(sample indices, images, labels, flipped) on the training device, already cut to this process's
+share under torchrun (every rank draws the same global batch and takes every N-th sample).
+
+- ``MemoryBatches`` (digits, Fashion-MNIST, npz): indexing tensors; random horizontal flips drawn
+  from the phase's generator, one draw per global batch, exactly as before lazy data existed, so
+  resumed runs stay bit-exact.
+- ``LoaderBatches`` (image folders): a torch DataLoader with worker processes decodes the images;
+  random crops and flips draw from a generator seeded by (seed, epoch, sample index), so a sample
+  looks the same whatever the number of workers, and a resumed run sees the same pixels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import distributed as dd
+
+
+def batches_for(split, batch_size: int, flip: bool, seed: int, workers: int = 0):
+    """The batch source for ``split`` (lazy splits have ``lazy = True``)."""
+    if getattr(split, "lazy", False):
+        return LoaderBatches(split, batch_size, flip, seed, workers)
+    return MemoryBatches(split, batch_size, flip)
+
+
+def flip_rows(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random horizontal flips, each sample with probability 1/2 (drawn from ``gen``); returns the
+    images and which were flipped."""
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    x = x.clone()
+    x[flip] = x[flip].flip(-1)
+    return x, flip
+
+
+class MemoryBatches:
+    def __init__(self, split, batch_size: int, flip: bool):
+        self.x, self.y = torch.from_numpy(split.x), torch.from_numpy(split.y)
+        self.batch_size, self.flip = batch_size, flip
+        self.steps = math.ceil(len(self.y) / batch_size)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first ``n`` training images (un-augmented): probes and shapes."""
+        return self.x[:n]
+
+    def epoch(self, order: torch.Tensor, start: int, epoch: int, gen: torch.Generator, device):
+        for step in range(start, self.steps):
+            batch = order[step * self.batch_size: (step + 1) * self.batch_size]
+            xb, flipped = flip_rows(self.x[batch], gen) if self.flip else (self.x[batch], None)
+            local = dd.shard(torch.arange(len(batch)))
+            share = len(local) * dd.world() / len(batch)  # DDP averages: weight by this rank's share
+            flipped = flipped[local] if flipped is not None else None
+            yield batch[local], xb[local].to(device), self.y[batch[local]].to(device), flipped, share
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Sample i of a lazy split through its training transform, with a per-(seed, epoch, i) generator."""
+
+    def __init__(self, split, seed: int, epoch: int, augment: bool):
+        self.split, self.seed, self.epoch, self.augment = split, seed, epoch, augment
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.augment else None
+        image = self.split.load(i, rng)
+        return i, image, int(self.split.y[i])
+
+
+def _collate(items):
+    """A batch of (index, image, label); images a bad file skipped (None) are dropped."""
+    kept = [it for it in items if it[1] is not None]
+    if not kept:
+        return None
+    idx = torch.tensor([i for i, _, _ in kept])
+    return idx, torch.from_numpy(np.stack([im for _, im, _ in kept])), torch.tensor([y for _, _, y in kept])
+
+
+class LoaderBatches:
+    def __init__(self, split, batch_size: int, flip: bool, seed: int, workers: int):
+        self.split, self.batch_size, self.augment, self.seed = split, batch_size, flip, seed
+        self.workers = workers
+        self.y = torch.from_numpy(split.y)
+        self.steps = math.ceil(len(self.y) / batch_size)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def head(self, n: int) -> torch.Tensor:
+        return torch.from_numpy(self.split.take(range(min(n, len(self.split)))))
+
+    def epoch(self, order: torch.Tensor, start: int, epoch: int, gen: torch.Generator, device):
+        batches = []
+        for step in range(start, self.steps):
+            batch = order[step * self.batch_size: (step + 1) * self.batch_size]
+            local = dd.shard(torch.arange(len(batch)))
+            batches.append((batch[local].tolist(), len(local) * dd.world() / len(batch)))
+        loader = torch.utils.data.DataLoader(_Samples(self.split, self.seed, epoch, self.augment),
+                                             batch_sampler=[b for b, _ in batches], num_workers=self.workers,
+                                             collate_fn=_collate, persistent_workers=False)
+        for (_, share), item in zip(batches, loader):
+            if item is None:
+                continue
+            idx, xb, yb = item
+            yield idx, xb.to(device), yb.to(device), None, share
