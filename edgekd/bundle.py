@@ -80,8 +80,25 @@ def _plain_name(name) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
 
 
+STRING_KEYS = ("target", "backend", "format", "model_file", "input_name")
+NUMBER_KEYS = ("torch_accuracy", "teacher_accuracy", "student_float_accuracy", "runtime_accuracy",
+               "distill_student_accuracy")  # each a number or null
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _check_manifest_types(manifest: dict, file: Path) -> None:
-    problems = []
+    problems = [f"{k} must be a string, got {manifest[k]!r}" for k in STRING_KEYS if not isinstance(manifest[k], str)]
+    problems += [f"{k} must be a number or null, got {manifest[k]!r}" for k in NUMBER_KEYS
+                 if manifest.get(k) is not None and not _number(manifest[k])]
+    problems += [f"{k} must be an integer or null, got {manifest[k]!r}" for k in ("weight_bits", "act_bits")
+                 if manifest[k] is not None and not (_number(manifest[k]) and isinstance(manifest[k], int))]
+    problems += [f"{k} must be a table, got {manifest[k]!r}" for k in ("normalization", "parity")
+                 if not isinstance(manifest[k], dict)]
+    if problems:  # the checks below read these fields
+        raise BundleError(f"corrupt bundle: {file}: {'; '.join(problems)}"[:600], "re-export the bundle")
     if not _plain_name(manifest["model_file"]):
         problems.append(f"model_file {manifest['model_file']!r} is not a file name inside the bundle")
     files = manifest["files"]
@@ -117,14 +134,32 @@ def load_eval(path: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
     """eval.npz's ``x`` (float32, N x input_shape) and ``y`` (int64, N), checked against the manifest."""
     try:
         with np.load(path / "eval.npz", allow_pickle=False) as data:
-            x, y = np.ascontiguousarray(data["x"], dtype=np.float32), np.asarray(data["y"], dtype=np.int64)
-    except (OSError, ValueError, KeyError) as e:
+            x, y = data["x"], data["y"]
+    except (OSError, ValueError, KeyError, EOFError) as e:
         raise BundleError(f"corrupt bundle: cannot read x and y from {path / 'eval.npz'} ({e})") from None
     shape = tuple(manifest["input_shape"])
     if x.ndim != len(shape) + 1 or x.shape[1:] != shape or y.shape != (len(x),) or len(x) == 0:
         raise BundleError(f"eval.npz holds x {list(x.shape)} and y {list(y.shape)}, expected "
                           f"x [N, {', '.join(map(str, shape))}] and y [N] with N > 0")
-    return x, y
+    if x.dtype.kind not in "fiub" or y.dtype.kind not in "iu":
+        kind = "complex" if "c" in (x.dtype.kind, y.dtype.kind) else "other"
+        raise BundleError(f"corrupt bundle: eval.npz holds x of type {x.dtype} and y of type {y.dtype} "
+                          f"({kind} values); x must be real numbers and y integer labels", "re-export the bundle")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise BundleError(f"corrupt bundle: eval.npz x holds {int((~np.isfinite(x)).sum())} values that are not finite "
+                          "(NaN or infinity)", "re-export the bundle")
+    return x, y.astype(np.int64)
+
+
+def check_labels(bundle: "Bundle") -> None:
+    """Every eval.npz label names one of the manifest's classes (checked once the model is known to
+    output that many): an accuracy over labels out of range would mean nothing."""
+    classes = len(bundle.manifest["classes"])
+    bad = bundle.y[(bundle.y < 0) | (bundle.y >= classes)]
+    if bad.size:
+        raise BundleError(f"corrupt bundle: eval.npz y holds {bad.size} labels out of range (e.g. {int(bad[0])}; "
+                          f"the manifest has {classes} classes)", "re-export the bundle")
 
 
 def load_bundle(path: Path, manifest: dict | None = None) -> Bundle:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..backends import get_backend, get_runner, host_facts, release
-from ..bundle import Bundle, BundleError, batched_logits, load_bundle, read_manifest
+from ..bundle import Bundle, BundleError, batched_logits, check_labels, load_bundle, read_manifest
 from ..catalog import BenchSettings, Budgets, Profile
 from ..core.errors import EdgekdError
 from .budgets import apply_budgets
@@ -278,6 +279,7 @@ def _measure(bundle: Bundle, settings: BenchSettings, profile: str | None) -> li
     fixed = info["fixed_batch"]
     logits = batched_logits(runner, handle, bundle.x, fixed or ACCURACY_BATCH, fixed is not None)
     _check_io(bundle, info, logits)
+    check_labels(bundle)
     base = _base_row(bundle, logits, settings, profile)
     rows = []
     for batch in settings.batch_sizes:
@@ -311,6 +313,8 @@ def _estimated_rows(bundle: Bundle, est: dict | None, settings: BenchSettings, p
     if est is None:
         note = (f"the bundle has no estimate for profile {profile}" if profile else "the bundle has no estimate")
         return [dataclasses.replace(base, status="skipped", batch_size=b, note=note) for b in settings.batch_sizes]
+    _check_estimate(est)
+    check_labels(bundle)
     rows = []
     for batch in settings.batch_sizes:
         row = dataclasses.replace(base, batch_size=batch, estimate=est,
@@ -321,6 +325,16 @@ def _estimated_rows(bundle: Bundle, est: dict | None, settings: BenchSettings, p
             row.throughput_ips = est["throughput_ips"]
         rows.append(row)
     return rows
+
+
+def _check_estimate(est: dict) -> None:
+    """The estimate's speed must be a positive finite number (else no row could be called ok)."""
+    for key in ("throughput_ips", "latency_ms"):
+        value = est.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value > 0):
+            raise BundleError(f"the bundle's estimate for {est.get('profile')} has {key} {value!r}, which is not "
+                              "a positive finite number", "re-export the bundle")
 
 
 def bench_bundle(path: Path, settings: BenchSettings, budgets: Budgets | None = None,

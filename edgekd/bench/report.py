@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..core.errors import MissingExtraError
-from ..core.fsutil import atomic_path, write_json, write_text
+from ..core.fsutil import atomic_path, check_output, write_json, write_text
 
 
 def records(rows: Sequence[Any]) -> list[dict]:
@@ -238,6 +238,14 @@ def render_csv(rows: Sequence[Any]) -> str:
     return out.getvalue()
 
 
+def check_outputs(inputs: Sequence = (), overwrite: bool = False, **paths) -> None:
+    """Before any bench: each report path given (option name -> path, e.g. ``json=rows.json``)
+    obeys the output-path rule (core.fsutil.check_output; edgekd recognises its own reports)."""
+    for option, path in paths.items():
+        if path is not None:
+            check_output(path, "report", inputs, overwrite, label=f"--{option}")
+
+
 def write_outputs(rows: Sequence[Any], json_path=None, csv_path=None, markdown_path=None,
                   extra: Sequence[Column] = (), footer: Sequence[str] = ()) -> list[Path]:
     """Write each requested file atomically; return the paths written (``extra`` columns and
@@ -327,5 +335,5 @@ def plot(rows: Sequence[Any], path, budgets=None, title: str | None = None, fron
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
+        fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": "edgekd (matplotlib)"})
     return Path(path)

@@ -4,13 +4,38 @@ error, never a traceback."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 
 import click
 
 from .. import __version__
 from ..core.errors import EdgekdError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same clean-up runs (staging
+    folders removed, locks released) instead of the process dying where it stands."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """While a command runs (main thread only), SIGTERM raises Terminated."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _one_line(message: str) -> str:
@@ -40,13 +65,15 @@ class EdgekdGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with _sigterm_as_interrupt():
+                return super().invoke(ctx)
         except EdgekdError as e:
             click.echo(f"error: {e.one_line()}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            term = isinstance(e, Terminated)
+            click.echo(f"error: interrupted by {'SIGTERM' if term else 'SIGINT'}", err=True)
+            sys.exit(143 if term else 130)
 
 
 @click.group(cls=EdgekdGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -14,22 +14,23 @@ from .app import main
 @click.argument("bundles", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--profile", metavar="NAME|FILE.toml",
               help="Device profile: bench settings and budgets (e.g. host-cpu, or a .toml path).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@click.option("--json", "json_path", type=c.OutPath(), metavar="FILE",
               help="Write the rows as JSON (a list of objects).")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@click.option("--csv", "csv_path", type=c.OutPath(), metavar="FILE",
               help="Write the rows as CSV (nested keys flattened with dots).")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@click.option("--markdown", "markdown_path", type=c.OutPath(), metavar="FILE",
               help="Write the table as GitHub Markdown.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+@click.option("--plot", "plot_path", type=c.OutPath(), metavar="FILE.png",
               help="Plot accuracy vs p50 latency (needs: pip install 'edgekd[plot]').")
 @click.option("--strict", is_flag=True, help="Exit 1 if any row is not ok (budget fail, error, skipped).")
+@c.overwrite_opt
 @c.flag("threads", default=None, show_default=False)
 @c.flag("iterations", default=None, show_default=False)
 @c.flag("warmup", default=None, show_default=False)
 @c.flag("warmup_s", "--warmup-time", default=None, show_default=False)
 @c.flag("min_time_s", "--min-time", default=None, show_default=False)
 @c.flag("batch_sizes", "--batch-size", default=(), show_default=False, multiple=True, type=int)
-def bench_command(bundles, profile, json_path, csv_path, markdown_path, plot_path, strict, **overrides):
+def bench_command(bundles, profile, json_path, csv_path, markdown_path, plot_path, strict, overwrite, **overrides):
     """Benchmark exported bundles on this machine (needs only numpy and the runtime).
 
     With no BUNDLE, benches the latest bundle under bundles/. Prints one table: status, bits,
@@ -52,6 +53,7 @@ def bench_command(bundles, profile, json_path, csv_path, markdown_path, plot_pat
     prof = load_profile(profile) if profile else None
     settings = bench_core.resolve_settings(prof, **overrides)
     paths = bench_core.resolve_bundles(bundles)
+    report.check_outputs(paths, overwrite, json=json_path, csv=csv_path, markdown=markdown_path, plot=plot_path)
     rows = bench_core.bench_bundles(paths, settings, prof.budgets if prof else None, prof.name if prof else None,
                                     progress=lambda p: click.echo(f"benchmarking {p} ...", err=True))
     click.echo(report.render_table(rows), nl=False)
@@ -92,21 +94,22 @@ def _sweep_columns():
 @c.flag("float_epochs")
 @c.flag("teacher_epochs", help="Epochs when the teacher has to be trained first (once, shared by the cells).")
 @c.seed_opt
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Sweep root (default runs/sweeps/DATA-STUDENT-TARGET); re-running resumes it.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@c.out_option("--out", help="Sweep root (default runs/sweeps/DATA-STUDENT-TARGET); re-running resumes it.")
+@c.overwrite_opt
+@click.option("--json", "json_path", type=c.OutPath(), metavar="FILE",
               help="Write the rows as JSON (bench rows plus cell, method, pareto, best).")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@click.option("--markdown", "markdown_path", type=c.OutPath(), metavar="FILE",
               help="Write the table and the summary as GitHub Markdown.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+@click.option("--plot", "plot_path", type=c.OutPath(), metavar="FILE.png",
               help="Plot accuracy vs p50 latency with the Pareto set (needs: pip install 'edgekd[plot]').")
 @c.quiet_opt
 def sweep_command(data, bits, methods, target, profile, teacher, student, epochs, float_epochs, teacher_epochs,
-                  seed, out, json_path, markdown_path, plot_path, quiet):
+                  seed, out, overwrite, json_path, markdown_path, plot_path, quiet):
     """Distill, export and bench each bit width (and method), then show the Pareto set.
 
     Finished stages of a cell (run dir, bundle, bench rows under the sweep root) are reused, so
-    re-running the same command resumes. A failing cell becomes an error row; the rest go on.
+    re-running the same command resumes. A failing cell becomes an error row; the rest go on, and
+    the exit code is 1 when every cell failed.
     Prints one table (with pareto and best marks), the Pareto set at the first batch size, and
     the configuration with the best accuracy among those that meet every budget of --profile.
     """
@@ -115,10 +118,11 @@ def sweep_command(data, bits, methods, target, profile, teacher, student, epochs
 
     if plot_path:
         report.check_plot_available()
+    report.check_outputs((), overwrite, json=json_path, markdown=markdown_path, plot=plot_path)
     opts = SweepOptions(bits=_sweep_ints(bits, "--bits"), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                         data=data, target=target, student=student, teacher=teacher, epochs=epochs,
                         float_epochs=float_epochs, teacher_epochs=teacher_epochs, seed=seed, profile=profile,
-                        root=out, progress=not quiet)
+                        root=out, progress=not quiet, overwrite=overwrite)
     result = run_sweep(opts, log=c.logger(quiet))
     cols, footer = _sweep_columns(), summary(result)
     click.echo(report.render_table(result.rows, cols, footer), nl=False)
@@ -129,3 +133,5 @@ def sweep_command(data, bits, methods, target, profile, teacher, student, epochs
         title = f"edgekd sweep: {data}, {result.rows[0].get('target') or target} (marker area ~ size)"
         click.echo(f"wrote {report.plot(front_rows, plot_path, result.budgets, title=title, front=result.pareto)}",
                    err=True)
+    if result.rows and all(r.get("status") == "error" for r in result.rows):
+        click.get_current_context().exit(1)

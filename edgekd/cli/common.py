@@ -8,6 +8,7 @@ checked once and worded once for the CLI, recipes, profiles and the Python API.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import click
 
@@ -86,6 +87,32 @@ def params(items) -> dict:
     return out
 
 
+class OutPath(click.ParamType):
+    """A path to write: '' is a usage error (click would read it as the current directory)."""
+
+    name = "path"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, Path):
+            return value
+        if value == "":
+            raise click.UsageError(f"{param.opts[0] if param else 'the path'} must not be empty", ctx)
+        return Path(value)
+
+
+def out_option(*decls: str, **settings):
+    """An output path option (``--out``, ``--json``...); the pipeline checks it (core.fsutil.check_output)."""
+    return click.option(*decls, type=OutPath(), **settings)
+
+
+overwrite_opt = click.option(
+    "--overwrite", is_flag=True,
+    help="Replace an output path edgekd did not write. Never replaced: a folder holding other runs or bundles, "
+         "the current directory or its parents, the input, a device, FIFO or socket.")
+trust_code_opt = click.option(
+    "--trust-code", is_flag=True,
+    help="Build models that files (checkpoints, recipes) name as module:callable: imports and runs that code. "
+         "Without it only the command line may name code.")
 data_opt = flag("data")
 seed_opt = flag("seed")
 quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines.")

@@ -13,13 +13,19 @@ from .app import main
 @main.command()
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 @c.flag("target", help="Target name, alias or .toml file.")
-@click.option("--out", type=click.Path(path_type=Path), help="Bundle directory (default bundles/RUN-TARGET).")
+@c.out_option("--out", help="Bundle directory (default bundles/RUN-TARGET).")
+@c.overwrite_opt
+@click.option("--student", metavar="SPEC",
+              help="The student's architecture, named again: needed when the run's student came from "
+                   "module:callable (the checkpoint's name for it is not run without --student or --trust-code).")
+@c.trust_code_opt
 @c.quiet_opt
-def export(run_dir, target, out, quiet):
+def export(run_dir, target, out, overwrite, student, trust_code, quiet):
     """Export a distilled student for a target, compile it and check it against PyTorch."""
     from ..api import export as run_export
 
-    m = run_export(run_dir, target, out=out, log=c.logger(quiet))
+    m = run_export(run_dir, target, out=out, log=c.logger(quiet), overwrite=overwrite, student=student,
+                   trust_code=trust_code)
     p = m["parity"]
     fusion = m.get("fusion") or {}
     fused = f"  float compute nodes left: {fusion['float_compute']}" if "float_compute" in fusion else ""

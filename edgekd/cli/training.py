@@ -18,17 +18,18 @@ from .app import main
 @c.flag("lr")
 @c.flag("batch_size")
 @c.seed_opt
-@click.option("--out", type=click.Path(path_type=Path), help="Output directory (default runs/teachers/NAME).")
+@c.out_option("--out", help="Output directory (default runs/teachers/NAME).")
+@c.overwrite_opt
 @c.training_opts
 @c.quiet_opt
-def train(data, arch, epochs, lr, batch_size, seed, out, device, amp, resume, quiet):
+def train(data, arch, epochs, lr, batch_size, seed, out, overwrite, device, amp, resume, quiet):
     """Train a float model to use as a teacher."""
     from ..api import TrainOptions, train as run_train
     from ..training.distributed import launched_rank
 
     opts = TrainOptions(data=data, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                         progress=not quiet, device=device, amp=amp)
-    metrics = run_train(opts, out=out, log=c.logger(quiet), resume=resume)
+    metrics = run_train(opts, out=out, log=c.logger(quiet), resume=resume, overwrite=overwrite)
     if launched_rank() != 0:  # torchrun: rank 0 reports
         return
     click.echo(f"teacher: {metrics['path']}  test accuracy {metrics['accuracy']:.4f}  "
@@ -63,7 +64,7 @@ def _distill_options(f):
         click.option("--first-last-bits", default=str(op.default("first_last_bits")), show_default=True,
                      help=op.OPTIONS["first_last_bits"].help),
         c.seed_opt,
-        click.option("--out", type=click.Path(path_type=Path), help="Run directory (default runs/NAME)."),
+        c.out_option("--out", help="Run directory (default runs/NAME)."), c.overwrite_opt, c.trust_code_opt,
         click.option("--list-layers", is_flag=True, help="Print the layer names feature terms can use, and exit."),
         c.training_opts, c.quiet_opt]):
         f = decorator(f)
@@ -73,7 +74,7 @@ def _distill_options(f):
 @main.command()
 @_distill_options
 def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first_last_bits, bit_schedule, assistants,
-            no_cache, out, list_layers, resume, quiet, **kw):
+            no_cache, out, overwrite, trust_code, list_layers, resume, quiet, **kw):
     """Train a quantized student by knowledge distillation (Brevitas QAT at 2..8 bits).
 
     \b
@@ -96,8 +97,8 @@ def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first
                           cache=not no_cache, first_last_bits=c.first_last_bits(first_last_bits),
                           progress=not quiet)
     if list_layers:
-        return _print_layers(opts)
-    m = run_distill(opts, out=out, log=c.logger(quiet), resume=resume)
+        return _print_layers(opts, trust_code)
+    m = run_distill(opts, out=out, log=c.logger(quiet), resume=resume, overwrite=overwrite, trust_code=trust_code)
     if launched_rank() != 0:  # torchrun: rank 0 reports
         return
     teacher_acc = f"{m['teacher_accuracy']:.4f}" if m["teacher_accuracy"] is not None else "-"
@@ -105,10 +106,10 @@ def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first
                f"(fake-quant, PyTorch, test split)  teacher {teacher_acc}  {m['seconds']:.0f}s")
 
 
-def _print_layers(opts) -> None:
+def _print_layers(opts, trust_code: bool = False) -> None:
     from ..api import list_layers as layers
 
-    for role, rows in layers(opts).items():
+    for role, rows in layers(opts, trust_code).items():
         click.echo(f"{role} layers:")
         for r in rows:
             click.echo(f"  {r['name']:<24} {r['type']:<20} {tuple(r['shape'])}")

@@ -65,7 +65,7 @@ def parse(text: str, source: str = "recipe") -> tuple[dict, list[dict]]:
     if not isinstance(terms, list) or not all(isinstance(t, dict) for t in terms):
         raise ConfigError(f"{source}: 'loss' must be a list of tables ([[loss]] sections)")
     if len(terms) > op.MAX_LOSS_TERMS:
-        raise ConfigError(f"{source}: {len(terms)} [[loss]] terms; at most {op.MAX_LOSS_TERMS} are allowed",
+        raise ConfigError(f"{source}: too many [[loss]] terms ({len(terms)}; at most {op.MAX_LOSS_TERMS})",
                           "combine terms of the same method into one with a larger weight")
     options = {k: v for k, v in doc.items() if k != LOSS_KEY}
     return options, terms

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..core.errors import ConfigError, MissingFileError
 from ..core.registry import unknown
+from .npz import read_npz
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -66,6 +67,8 @@ class Dataset:
 def load_dataset(spec: str = "digits", seed: int = 0, val_fraction: float = 0.1) -> Dataset:
     """Resolve a dataset spec. The split depends only on ``seed``, never on the machine."""
     kind, _, arg = spec.partition(":")
+    if kind == "digits" and ":" in spec:
+        raise ConfigError(f"dataset {spec!r}: digits takes no argument (scikit-learn bundles it)", "use --data digits")
     if kind == "digits":
         images, labels, classes = _digits()
         train, test = _split(images, labels, test_fraction=0.2, seed=seed)
@@ -74,13 +77,16 @@ def load_dataset(spec: str = "digits", seed: int = 0, val_fraction: float = 0.1)
         train, test = _fashion_mnist(Path(arg or os.environ.get("EDGEKD_FASHION_MNIST_DIR", FASHION_MNIST_DIR)))
         classes, flip = FASHION_CLASSES, True
     elif kind == "npz":
-        images, labels = _npz(Path(arg))
+        images, labels = read_npz(Path(arg))
         classes = [str(c) for c in range(int(labels.max()) + 1)]
         train, test = _split(images, labels, test_fraction=0.2, seed=seed)
         flip = False
     else:
         raise unknown("dataset", spec, ["digits", "fashion-mnist", "fashion-mnist:DIR", "npz:FILE"])
     train, val = _split(*train, test_fraction=val_fraction, seed=seed + 1)
+    if not (len(val[1]) and len(test[1])):
+        raise ConfigError(f"dataset {spec}: too few samples per class ({len(train[1])} train, {len(val[1])} "
+                          f"validation, {len(test[1])} test)", "give every class at least 10 samples")
     mean, std = _stats(train[0])
     norm = lambda a: ((a - np.array(mean, np.float32)[:, None, None]) / np.array(std, np.float32)[:, None, None])
     return Dataset(kind if kind != "npz" else spec, Split(norm(train[0]), train[1]), Split(norm(val[0]), val[1]),
@@ -146,20 +152,3 @@ def _fashion_mnist(directory: Path):
         labels = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
         parts.append(((images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64)))
     return parts[0], parts[1]
-
-
-def _npz(path: Path):
-    if not path.is_file():
-        raise MissingFileError(f"dataset file not found: {path}", "pass --data npz:FILE with arrays x and y")
-    with np.load(path, allow_pickle=False) as f:
-        if "x" not in f or "y" not in f:
-            raise ConfigError(f"{path} must hold arrays 'x' and 'y', found {sorted(f.files)}")
-        x, y = f["x"], f["y"].astype(np.int64)
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4 or len(x) != len(y):
-        raise ConfigError(f"{path}: x must be (N,H,W) or (N,C,H,W) with N == len(y), got {x.shape} and {y.shape}")
-    x = x.astype(np.float32)
-    if x.max() > 1.0:
-        x = x / 255.0
-    return x, y

@@ -3,6 +3,7 @@ or safetensors, never unpickled."""
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import warnings
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError, IncompatibleError, MissingFileError
-from .specs import build_model
+from .specs import build_model, check_trusted
 
 
 def save_checkpoint(path: Path, state_dict: dict, meta: dict) -> None:
@@ -28,6 +29,9 @@ def save_checkpoint(path: Path, state_dict: dict, meta: dict) -> None:
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint without executing code: edgekd/.pt via weights_only, or .safetensors."""
     path = Path(path)
+    if path.is_dir():
+        raise MissingFileError(f"{path} is a directory, not a checkpoint file",
+                               "pass the checkpoint file inside it (edgekd writes model.pt or student.pt)")
     if not path.is_file():
         raise MissingFileError(f"checkpoint not found: {path}", "check the path, or train one with 'edgekd train'")
     if path.suffix == ".safetensors":
@@ -83,17 +87,57 @@ def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
                               "check the model spec matches the checkpoint") from None
 
 
-def load_model(path: str | Path, expect_classes: int | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild a float model saved by edgekd (architecture and shapes are in its metadata)."""
+def check_meta(meta: dict, path, keys=("arch", "num_classes", "input_shape")) -> dict:
+    """``meta`` if each of ``keys`` it must hold is there with the right type, else one
+    CheckpointError naming the file and the key (a damaged or hand-edited checkpoint)."""
+    def positive_ints(v, n=None):
+        return isinstance(v, list) and (n is None or len(v) == n) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v)
+
+    def numbers(v):
+        return isinstance(v, list) and v and all(isinstance(d, (int, float)) and not isinstance(d, bool)
+                                                 and math.isfinite(d) for d in v)
+
+    checks = {"arch": (lambda v: isinstance(v, str) and v != "", "a model spec (a string)"),
+              "num_classes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2,
+                              "an integer >= 2"),
+              "input_shape": (lambda v: positive_ints(v, 3), "three positive integers [C, H, W]"),
+              "dataset": (lambda v: isinstance(v, str) and v != "", "a dataset spec (a string)"),
+              "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+              "classes": (lambda v: isinstance(v, list) and len(v) == meta.get("num_classes"),
+                          "a list of num_classes names"),
+              "normalization": (lambda v: isinstance(v, dict) and numbers(v.get("mean")) and numbers(v.get("std")),
+                                "a table with lists of numbers 'mean' and 'std'"),
+              "quant": (lambda v: isinstance(v, dict), "a table")}
+    for key in keys:
+        if key not in meta:
+            raise CheckpointError(f"{path} is damaged: its metadata has no {key!r}", "use the file edgekd wrote")
+        ok, expected = checks[key]
+        if not ok(meta[key]):
+            raise CheckpointError(f"{path} is damaged: metadata {key!r} must be {expected}, got {meta[key]!r}"[:300],
+                                  "use the file edgekd wrote")
+    return meta
+
+
+def load_model(path: str | Path, expect_classes: int | None = None, arch: str | None = None,
+               trust_code: bool = False, how: str | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a float model saved by edgekd (architecture and shapes are in its metadata).
+
+    ``arch``: build this spec instead of the one the file names (given on the command line, so
+    trusted). Otherwise the file's spec may name code only with ``trust_code``; ``how`` is the
+    command-line spelling the refusal suggests (default ``--teacher ARCH=FILE``)."""
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
-    if "arch" not in meta:
+    if "arch" not in meta and arch is None:
         raise CheckpointError(f"{path} has weights but no architecture",
                               "use a checkpoint written by 'edgekd train' (it records the architecture), "
                               "or pass an architecture name as --teacher to train one")
+    check_meta(meta, path, ("num_classes", "input_shape") + (("arch",) if arch is None else ()))
     if expect_classes is not None and meta["num_classes"] != expect_classes:
         raise IncompatibleError(f"teacher {path} predicts {meta['num_classes']} classes but the dataset has "
                                 f"{expect_classes}", "use a teacher trained on the same dataset")
-    model = build_model(meta["arch"], meta["num_classes"], tuple(meta["input_shape"]))
+    if arch is None:
+        check_trusted(meta["arch"], str(path), how or f"--teacher {meta['arch']}={path}", trust_code)
+    model = build_model(arch or meta["arch"], meta["num_classes"], tuple(meta["input_shape"]))
     load_weights(model, ckpt["state_dict"], str(path))
     return model, meta

@@ -20,13 +20,54 @@ from torch import nn
 from ..core.errors import ConfigError
 from .zoo import ARCHS
 
+SAFE_PREFIXES = ("torchvision:",)  # specs with a colon that name no code
 
-def build_model(spec: str, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
-    """Build a float model from a spec string, adapted to the dataset's channels and classes."""
+
+class UntrustedCodeError(ConfigError):
+    """A file names code (``module:callable``) that only the command line or the API may name."""
+
+
+def names_code(spec) -> bool:
+    """Whether building ``spec`` would import a module and call a function of it."""
+    return isinstance(spec, str) and ":" in spec and not spec.startswith(SAFE_PREFIXES)
+
+
+def refuse_code(spec: str, source: str, how: str) -> UntrustedCodeError:
+    """The one line for ``source`` (a file, or a key of one) naming code; ``how``: the command-line
+    spelling that names it on purpose (``--student mypkg.nets:make``)."""
+    return UntrustedCodeError(f"{source} names the model '{spec}', which is code (module:callable); a file may name "
+                              "only built-in and torchvision: architectures",
+                              f"to run it, name it on the command line ({how}) or pass --trust-code")
+
+
+def check_trusted(spec, source: str, how: str, trusted: bool) -> None:
+    """Raise ``refuse_code`` when an untrusted ``spec`` names code."""
+    if not trusted and names_code(spec):
+        raise refuse_code(spec, source, how)
+
+
+def split_weights(spec: str) -> tuple[str | None, str | None]:
+    """(architecture, weights file) of a model spec: ``ARCH=WEIGHTS`` gives both, an existing file
+    or a path-like spec (``.pt``, ``.pth``, ``.safetensors``, a ``/``) only the file, anything else
+    only the architecture."""
+    if Path(spec).exists() or ("=" not in spec and (spec.endswith((".pt", ".pth", ".safetensors")) or "/" in spec)):
+        return None, spec
+    arch, sep, weights = spec.partition("=")
+    if sep and arch and weights:
+        return arch, weights
+    return spec, None
+
+
+def build_model(spec: str, num_classes: int, input_shape: tuple[int, int, int], trusted: bool = True) -> nn.Module:
+    """Build a float model from a spec string, adapted to the dataset's channels and classes.
+
+    ``trusted``: the spec comes from the command line or the Python API (the default: this is the
+    API). A spec read from a file is built with ``trusted=False``: naming code then raises."""
     in_channels = input_shape[0]
     if spec.startswith("torchvision:"):
         return _torchvision(spec.split(":", 1)[1], num_classes, in_channels)
     if ":" in spec and not Path(spec).exists():
+        check_trusted(spec, f"the model spec {spec!r}", spec, trusted)
         return _from_callable(spec, num_classes, in_channels)
     factory = ARCHS.get(spec)
     kwargs = {"num_classes": num_classes, "in_channels": in_channels}

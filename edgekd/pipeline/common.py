@@ -25,6 +25,12 @@ def dataset_name(spec: str) -> str:
     return spec.split(":", 1)[0] if not spec.startswith("npz:") else Path(spec[4:]).stem
 
 
+def data_inputs(spec: str) -> list[Path]:
+    """The files or folders a dataset spec reads (an output must not replace them)."""
+    kind, _, arg = spec.partition(":")
+    return [Path(arg)] if kind in ("npz", "fashion-mnist") and arg else []
+
+
 def options_dict(opts) -> dict:
     """The options that define a run's result (a resumed run must have the same)."""
     return {k: v for k, v in asdict(opts).items() if k != "progress"}

@@ -15,34 +15,43 @@ from pathlib import Path
 
 from .. import __version__
 from ..core.errors import EdgekdError, IncompatibleError
-from ..core.fsutil import BUNDLES_DIR, atomic_dir, write_json
+from ..core.fsutil import BUNDLES_DIR, atomic_dir, check_output, write_json
 from .common import Log, quiet
-from .distill import find_run, load_student
+from .distill import find_run, load_student, read_metrics
 
 
-def export(run_dir: str | Path | None, target_name: str, out: Path | None = None, log: Log = quiet) -> dict:
-    """Export, compile and validate a distilled student for a target; returns the manifest."""
+def export(run_dir: str | Path | None, target_name: str, out: Path | None = None, log: Log = quiet,
+           overwrite: bool = False, student: str | None = None, trust_code: bool = False) -> dict:
+    """Export, compile and validate a distilled student for a target; returns the manifest.
+
+    ``out`` (default bundles/RUN-TARGET) obeys the output-path rule (core.fsutil.check_output;
+    ``overwrite``), checked before anything is loaded; a run being written (locked by distill) is
+    refused. ``student``: the architecture named again (a student built by ``module:callable``),
+    or ``trust_code`` to build what the checkpoint names."""
     import numpy as np
     import torch
 
     from .. import catalog
     from ..backends import ExportContext, get_backend
     from ..bundle import check_parity, file_hashes, parity
+    from ..core.locks import check_unlocked
     from ..export.onnx import export_onnx
 
     run_dir = find_run(run_dir)
     target = catalog.load_target(target_name)
     backend = get_backend(target.backend)
-    qmodel, meta = load_student(run_dir)
+    out = Path(out) if out else BUNDLES_DIR / f"{run_dir.name}-{target.name}"
+    check_output(out, "bundle", [run_dir], overwrite)
+    check_unlocked(run_dir)
+    metrics = read_metrics(run_dir)
+    qmodel, meta = load_student(run_dir, student, trust_code)
     reason = backend.check_run(meta["quant"], target)
     if reason:
         raise IncompatibleError(f"{run_dir} was trained with conventions {target.name} does not run: {reason}",
                                 f"retrain it for this target: {retrain_command(run_dir, target.name)}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     x, y = _eval_data(meta)
     with torch.no_grad():
         reference = torch.cat([qmodel(torch.from_numpy(x[i: i + 512])) for i in range(0, len(x), 512)]).numpy()
-    out = Path(out) if out else BUNDLES_DIR / f"{run_dir.name}-{target.name}"
     with atomic_dir(out) as tmp:
         started = time.perf_counter()
         export_onnx(qmodel, target.flavour, torch.from_numpy(x[:1]), tmp / "model.onnx", target.opset)

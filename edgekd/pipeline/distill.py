@@ -8,33 +8,50 @@ options), ``metrics.json`` (teacher and student accuracies, bits, method, per-ep
 
 from __future__ import annotations
 
+import json
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from ..config import options as op
 from ..config.options import DEFAULT_TEACHER, DistillOptions
-from ..core.errors import EdgekdError, IncompatibleError, MissingFileError
-from ..core.fsutil import RUNS_DIR, atomic_dir, latest, write_json, write_text
-from .common import Log, dataset_name, join_group, model_meta, options_dict, quiet, slug
-from .teachers import resolve_teachers, teacher_specs
+from ..core.errors import CheckpointError, EdgekdError, IncompatibleError, MissingFileError
+from ..core.fsutil import RUN_FORMAT, RUNS_DIR, atomic_dir, check_output, check_partial, latest, write_json, write_text
+from .common import Log, data_inputs, dataset_name, join_group, model_meta, options_dict, quiet, slug
+from .teachers import load_teacher_file, resolve_teachers, teacher_specs
 
 
-def distill(opts: DistillOptions, out: Path | None = None, log: Log = quiet, resume: bool = False) -> dict:
+def distill(opts: DistillOptions, out: Path | None = None, log: Log = quiet, resume: bool = False,
+            overwrite: bool = False, trust_code: bool = False) -> dict:
     """Quantized distillation: KD from the teacher while training the student with Brevitas QAT.
 
     The scheme (training.schemes) decides who teaches whom; the objective (kd, from ``method`` or a
     recipe) what is matched; ``order`` whether float KD precedes QAT. Training state is checkpointed
     in ``OUT.partial`` after every epoch and on SIGINT/SIGTERM; ``resume`` continues from it. Under
     torchrun every rank trains (DDP) and rank 0 writes. Returns the run's metrics (and ``run_dir``).
+
+    ``out`` obeys the output-path rule (core.fsutil.check_output; ``overwrite``) and is locked from
+    before training until the run is in place. Model specs read from files (the recipe, teacher
+    checkpoints) may name code (``module:callable``) only with ``trust_code``.
     """
     joined, loud = join_group(opts)
     try:
-        return _distill(opts, out, log if loud else quiet, resume)
+        with ExitStack() as held:
+            return _distill(opts, out, log if loud else quiet, resume, _Asks(overwrite, trust_code, held))
     finally:
         if joined:
             from ..training import distributed as dd
 
             dd.shutdown()
+
+
+@dataclass
+class _Asks:
+    """What the caller allows: replacing a foreign output, code named in files; the locks held."""
+
+    overwrite: bool = False
+    trust_code: bool = False
+    held: ExitStack | None = None
 
 
 @dataclass
@@ -52,45 +69,53 @@ class _Plan:
     out: Path
 
 
-def _plan(opts: DistillOptions, out: Path | None, log: Log) -> _Plan:
+def _plan(opts: DistillOptions, out: Path | None, log: Log, asks: _Asks, resume: bool = False) -> _Plan:
     """Check everything a typo or a bad combination can break, before any teacher trains: options,
-    recipe, target and bits, the objective, the data, and that the student traces."""
+    recipe, target and bits, the objective, the output path, the data, and that the student traces."""
     from .. import models, quant
     from ..data import load_dataset
     from ..training import schemes
+    from ..training.checkpoint import partial_dir
 
-    opts = with_recipe(opts)
+    opts = with_recipe(opts, asks.trust_code)
     op.validate(opts)
     order = schemes.resolve_order(opts.order, opts.float_epochs)
     schemes.SCHEMES.get(opts.scheme)
     target, spec = quant_spec(opts, log)
     new_objective = objective_factory(opts)
+    method = opts.method if not opts.loss else new_objective().name
+    name = slug(dataset_name(opts.data), opts.student, spec.label.lower(), method,
+                *([opts.scheme] if opts.scheme != "offline" else []))
+    out = Path(out) if out else RUNS_DIR / name
+    teacher_files = [models.split_weights(t)[1] for t in teacher_specs(opts.teacher) if t]
+    check_output(out, "run", [*data_inputs(opts.data), *teacher_files, opts.config], asks.overwrite)
+    check_partial(partial_dir(out), asks.overwrite, resume)
     data = _limit(load_dataset(opts.data, seed=opts.seed), opts.train_limit)
     if opts.flip is not None:
         data.flip_augment = opts.flip
     float_model = models.build_model(opts.student, data.num_classes, data.input_shape)
     quant.trace(float_model)  # an untraceable student fails in seconds, not after the teacher
-    method = opts.method if not opts.loss else new_objective().name
-    name = slug(dataset_name(opts.data), opts.student, spec.label.lower(), method,
-                *([opts.scheme] if opts.scheme != "offline" else []))
-    return _Plan(replace(opts, order=order), order, target, spec, new_objective, data, float_model, method,
-                 Path(out) if out else RUNS_DIR / name)
+    return _Plan(replace(opts, order=order), order, target, spec, new_objective, data, float_model, method, out)
 
 
-def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool) -> dict:
+def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool, asks: _Asks) -> dict:
     from ..training import accuracy, distributed as dd, schemes
     from ..training.checkpoint import RunCheckpoints, partial_dir
 
     from ..training import set_threads
 
     set_threads()
-    plan = _plan(opts, out, log)
+    plan = _plan(opts, out, log, asks, resume)
     opts, ckpt_opts = plan.opts, options_dict(plan.opts)
     RunCheckpoints.resumable(partial_dir(plan.out), ckpt_opts, resume)  # a --resume that cannot continue fails now
+    if dd.is_main() and asks.held is not None:  # until the new run is in place: no export of a half-written run
+        from ..core.locks import write_lock
+
+        asks.held.enter_context(write_lock(plan.out))
     objective = plan.new_objective()
     teacher, teacher_acc, teacher_src = None, None, None
     if (objective.needs_teacher and opts.scheme != "dml") or opts.scheme == "assistant":
-        teacher, teacher_acc, teacher_src = resolve_teachers(opts, plan.data, log)
+        teacher, teacher_acc, teacher_src = resolve_teachers(opts, plan.data, log, asks.trust_code)
     lines = []
     logf = lambda s: (lines.append(s), log(s))  # noqa: E731
     checkpoints = RunCheckpoints(partial_dir(plan.out), ckpt_opts, resume, logf)
@@ -136,7 +161,7 @@ def _write_run(plan: _Plan, result, metrics: dict, lines: list[str]) -> None:
     with atomic_dir(plan.out) as tmp:
         models.save_checkpoint(tmp / "student.pt", result.student.state_dict(), meta)
         write_json(tmp / "recipe.json", recipe)
-        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "metrics.json", {"format": RUN_FORMAT} | metrics)
         write_text(tmp / "log.txt", "\n".join(lines) + "\n")
 
 
@@ -152,15 +177,22 @@ def parse_recipe(text: str, source: str = "recipe") -> tuple[dict, list[dict]]:
     return options, terms
 
 
-def with_recipe(opts: DistillOptions) -> DistillOptions:
-    """Options completed from ``opts.config``: the file fills what the caller left at its default."""
+def with_recipe(opts: DistillOptions, trust_code: bool = False) -> DistillOptions:
+    """Options completed from ``opts.config``: the file fills what the caller left at its default.
+    Its model specs (student, teacher, assistants) may name code only with ``trust_code``."""
     from ..config import recipe
+    from ..models import check_trusted, split_weights
 
     if not opts.config:
         return opts
     options, terms = parse_recipe(recipe.read(opts.config), str(opts.config))
     defaults = DistillOptions()
     explicit = {f.name for f in fields(opts) if getattr(opts, f.name) != getattr(defaults, f.name)}
+    for key in ("student", "teacher", "assistants"):
+        values = options.get(key) if key not in explicit else None
+        for value in values if isinstance(values, list) else [values]:
+            arch = split_weights(value)[0] if isinstance(value, str) else None
+            check_trusted(arch, f"{opts.config}: {key}", f"--{key.removesuffix('s')} {arch}", trust_code)
     opts = recipe.apply(opts, options, explicit)
     return replace(opts, loss=terms) if opts.loss is None and terms else opts
 
@@ -212,7 +244,7 @@ def quant_spec(opts: DistillOptions, log: Log):
     return target, spec
 
 
-def list_layers(opts: DistillOptions) -> dict:
+def list_layers(opts: DistillOptions, trust_code: bool = False) -> dict:
     """The layer names feature terms can use: the student's (those that run both in float and
     quantized at the run's bits) and the teacher's (its first ``--teacher``)."""
     import torch
@@ -221,7 +253,7 @@ def list_layers(opts: DistillOptions) -> dict:
     from ..data import load_dataset
     from ..kd.features import layer_table
 
-    opts = with_recipe(opts)
+    opts = with_recipe(opts, trust_code)
     data = load_dataset(opts.data, seed=opts.seed)
     _, spec = quant_spec(opts, quiet)
     x = torch.from_numpy(data.train.x[:2])
@@ -229,17 +261,24 @@ def list_layers(opts: DistillOptions) -> dict:
     qnames = {r["name"] for r in layer_table(quant.quantize(student, spec), x)}
     rows = [r for r in layer_table(student, x) if r["name"] in qnames]
     first = teacher_specs(opts.teacher)[0]
-    if first and Path(first).is_file():
-        teacher = models.load_model(first, expect_classes=data.num_classes)[0]
+    arch, file = models.split_weights(first) if first else (DEFAULT_TEACHER, None)
+    if file is not None:
+        teacher = load_teacher_file(first, data, trust_code)[0]
     else:  # an architecture: an untrained copy has the same layers
-        teacher = models.build_model(first or DEFAULT_TEACHER, data.num_classes, data.input_shape)
+        teacher = models.build_model(arch, data.num_classes, data.input_shape)
     return {"student": rows, "teacher": layer_table(teacher, x)}
 
 
 # --- reading a run back -----------------------------------------------------------------------------
 
-def load_student(run_dir: Path):
-    """Rebuild the quantized student of a run directory, with its trained weights and scales."""
+STUDENT_META = ("arch", "num_classes", "input_shape", "dataset", "seed", "classes", "normalization", "quant")
+
+
+def load_student(run_dir: Path, student: str | None = None, trust_code: bool = False):
+    """Rebuild the quantized student of a run directory, with its trained weights and scales.
+
+    ``student``: the architecture named again on the command line (trusted); otherwise the one the
+    checkpoint names, which may be code (``module:callable``) only with ``trust_code``."""
     from .. import models, quant
 
     ckpt_path = Path(run_dir) / "student.pt"
@@ -248,8 +287,16 @@ def load_student(run_dir: Path):
     if "quant" not in meta:
         raise EdgekdError(f"{ckpt_path} is not a distilled student (no quantization spec)",
                           "pass a run directory written by 'edgekd distill'")
-    float_model = models.build_model(meta["arch"], meta["num_classes"], tuple(meta["input_shape"]))
-    qmodel = quant.quantize(float_model, quant.QuantSpec(**meta["quant"]))
+    models.check_meta(meta, ckpt_path, STUDENT_META)
+    try:
+        qspec = quant.QuantSpec(**meta["quant"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_path} is damaged: metadata 'quant' is not a quantization spec ({e})",
+                              "use the file edgekd wrote") from None
+    if student is None:
+        models.check_trusted(meta["arch"], str(ckpt_path), f"export {run_dir} --student {meta['arch']}", trust_code)
+    float_model = models.build_model(student or meta["arch"], meta["num_classes"], tuple(meta["input_shape"]))
+    qmodel = quant.quantize(float_model, qspec)
     quant.materialize(qmodel, meta["input_shape"])
     models.load_weights(qmodel, ckpt["state_dict"], str(ckpt_path))
     qmodel.eval()
@@ -267,3 +314,17 @@ def find_run(run_dir: str | Path | None) -> Path:
         raise MissingFileError(f"{run_dir} is not a run directory (no {' or '.join(missing)})",
                                "pass a directory written by 'edgekd distill'")
     return run_dir
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """A run's metrics.json, or one error naming the file (not JSON, not an object)."""
+    path = Path(run_dir) / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EdgekdError(f"{path} is not valid JSON ({e})", "use the run directory edgekd wrote") from None
+    except OSError as e:
+        raise MissingFileError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(metrics, dict):
+        raise EdgekdError(f"{path} is not a JSON object", "use the run directory edgekd wrote")
+    return metrics

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Sequence
 
 from ..core.errors import EdgekdError
-from ..core.fsutil import RUNS_DIR, write_json
+from ..core.fsutil import RUNS_DIR, SWEEP_FORMAT, check_output, write_json
 from .common import Log, dataset_name, quiet, slug
 
 # Options that decide what a cell's training produces: a resumed sweep must not mix them.
 RECIPE_KEYS = ("data", "target", "student", "teacher", "epochs", "float_epochs", "teacher_epochs", "seed")
 RUNNABLE = ("ok", "fail")  # bench statuses that carry measurements
+STATUSES = ("ok", "fail", "error", "skipped")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class SweepOptions:
     profile: str | None = None
     root: Path | None = None
     progress: bool = False
+    overwrite: bool = False  # the root may replace a folder edgekd did not write (never other runs)
 
     def cells(self) -> list[Cell]:
         return [Cell(b, m) for m in self.methods for b in self.bits]
@@ -88,13 +90,17 @@ def check_recipe(root: Path, recipe: dict) -> None:
     """Record the training options in ROOT/sweep.json, or refuse a resume that changes them."""
     file = root / "sweep.json"
     if file.is_file():
-        old = json.loads(file.read_text()).get("recipe", {})
+        try:
+            old = json.loads(file.read_text(encoding="utf-8")).get("recipe", {})
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            raise EdgekdError(f"{file} is damaged (not a JSON object with the sweep's options)",
+                              "delete it to start the sweep root afresh, or use another --out") from None
         diff = [f"{k} {old.get(k)!r} -> {recipe[k]!r}" for k in RECIPE_KEYS if old.get(k) != recipe[k]]
         if diff:
             raise EdgekdError(f"sweep root {root} was made with other options ({'; '.join(diff)})",
                               "use the same options to resume, or another --out")
         return
-    write_json(file, {"recipe": recipe})
+    write_json(file, {"format": SWEEP_FORMAT, "recipe": recipe})
 
 
 # --- one cell ----------------------------------------------------------------------------------------
@@ -125,20 +131,45 @@ def _export(cell: Cell, opts: SweepOptions, run_dir: Path, bundle: Path, log: Lo
         log(f"{cell.name}: reusing bundle {bundle}")
         return
     log(f"{cell.name}: exporting for {opts.target} into {bundle}")
-    export(run_dir, opts.target, out=bundle, log=lambda s: log(f"{cell.name}: {s}"))
+    export(run_dir, opts.target, out=bundle, log=lambda s: log(f"{cell.name}: {s}"), student=opts.student)
 
 
 def _bench(cell: Cell, bundle: Path, file: Path, settings, budgets, profile: str | None, log: Log) -> list[dict]:
     from .. import bench
 
     if file.is_file():
-        log(f"{cell.name}: reusing bench rows {file}")
-        return json.loads(file.read_text())
+        cached = cached_rows(file)
+        if cached is not None:
+            log(f"{cell.name}: reusing bench rows {file}")
+            return cached
+        log(f"{cell.name}: {file} does not hold bench rows; benchmarking again")
     log(f"{cell.name}: benchmarking {bundle}")
     rows = [r.to_dict() for r in bench.bench_bundle(bundle, settings, budgets, profile)]
     if not any(r["status"] == "error" for r in rows):
         write_json(file, rows)
     return rows
+
+
+def _number(v, kinds=(int, float)) -> bool:
+    return v is None or (isinstance(v, kinds) and not isinstance(v, bool))
+
+
+def _valid_row(r) -> bool:
+    """A bench row as ``bench.Row.to_dict`` writes it (the fields the sweep reads, with their types)."""
+    latency = r.get("latency_ms") if isinstance(r, dict) else None
+    return (isinstance(r, dict) and isinstance(r.get("bundle"), str) and r.get("status") in STATUSES
+            and all(_number(r.get(k)) for k in ("accuracy", "size_mb", "throughput_ips", "torch_accuracy"))
+            and _number(r.get("batch_size"), int)
+            and (latency is None or (isinstance(latency, dict) and all(_number(v) for v in latency.values()))))
+
+
+def cached_rows(file: Path) -> list[dict] | None:
+    """The bench rows a sweep kept in ``file``, or None when it holds anything else."""
+    try:
+        rows = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return rows if isinstance(rows, list) and rows and all(_valid_row(r) for r in rows) else None
 
 
 def _error_row(cell: Cell, stage: str, e: BaseException, path: Path, metrics: dict | None) -> dict:
@@ -227,6 +258,7 @@ def run_sweep(opts: SweepOptions, log: Log = quiet, settings=None) -> SweepResul
         if not 2 <= bits <= 8:
             log(f"warning: bits {bits} is outside 2..8; that cell will fail")
     root = Path(opts.root) if opts.root else default_root(opts, target.name)
+    check_output(root, "sweep", overwrite=opts.overwrite)
     check_recipe(root, opts.recipe() | {"target": target.name})
     rows: list[dict] = []
     for cell in opts.cells():

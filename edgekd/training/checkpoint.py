@@ -24,6 +24,7 @@ import shutil
 import signal
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,7 +33,7 @@ import torch
 
 from . import distributed as dd
 from ..core.errors import CheckpointError, ConfigError, EdgekdError, MissingFileError
-from ..core.fsutil import atomic_path, write_json
+from ..core.fsutil import atomic_path, remove, write_json
 
 FORMAT = "edgekd-train-state-2"  # 2: the objective as a module (its state_dict), not a list of tensors
 
@@ -77,6 +78,17 @@ class PhaseCheckpoint:
                                   "run without --resume to start over")
         return state
 
+    @contextmanager
+    def restoring(self):
+        """Within the block, a saved state that does not fit the phase (a missing entry, a tensor of
+        another shape) is one CheckpointError naming the file, not a traceback."""
+        try:
+            yield
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
+            what = f"no {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:240]
+            raise CheckpointError(f"cannot resume from {self.path}: the saved state does not fit this phase ({what})",
+                                  "run without --resume to start over") from None
+
     def save(self, state: dict) -> None:
         """Rank 0 writes (temporary file, then rename); every rank waits until it has."""
         if dd.is_main():
@@ -101,7 +113,7 @@ class RunCheckpoints:
             log(f"discarding the checkpoints of an earlier unfinished run in {self.root} (--resume continues one)")
         dd.barrier()
         if dd.is_main():
-            shutil.rmtree(self.root, ignore_errors=True)
+            remove(self.root)
             write_json(saved_path, self.options)
         dd.barrier()
 
@@ -124,6 +136,9 @@ class RunCheckpoints:
             saved = json.loads(saved_path.read_text())
         except (OSError, ValueError):
             raise CheckpointError(f"{saved_path} is unreadable", "run without --resume to start over") from None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{saved_path} is damaged: not a JSON object of options",
+                                  "run without --resume to start over")
         diff = [k for k in sorted(set(saved) | set(options)) if saved.get(k) != options.get(k)]
         if diff:
             shown = ", ".join(f"{k} (was {saved.get(k)!r}, now {options.get(k)!r})" for k in diff[:3])

@@ -130,10 +130,12 @@ class Phase:
             self.loss_fn.to(self.device)
         saved = self.checkpoint.load() if self.checkpoint is not None else None
         if saved is not None:
-            self._restore_modules(saved)
+            with self.checkpoint.restoring():  # a damaged state: one line naming the file
+                self._restore_modules(saved)
         self.opt, self.sched = self._optimizer()
         if saved is not None:
-            self._restore_state(saved)
+            with self.checkpoint.restoring():
+                self._restore_state(saved)
 
     def _optimizer(self):
         """AdamW (weight decay on weights only) with a one-cycle schedule over the whole phase."""
