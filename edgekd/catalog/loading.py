@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ..core.errors import ConfigError, MissingFileError, UnknownNameError
 from ..core.registry import suggest
-from .schema import (Profile, Target, _build, _check_bench, _check_budgets, _check_hardware, _check_keys,
-                     _subtable, _TYPES, BenchSettings, Budgets, parse_target)
+from .schema import (Profile, Target, _build, _check_bench, _check_budgets, _check_clocks, _check_hardware,
+                     _check_keys, _subtable, _TYPES, BenchSettings, Budgets, Clocks, parse_target)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -64,13 +64,15 @@ def parse_profile(table: dict, name: str, where: str) -> Profile:
     table = dict(table)
     bench = _build(BenchSettings, _subtable(table, "bench", where), where + " [bench]")
     budgets = _build(Budgets, _subtable(table, "budgets", where), where + " [budgets]")
+    clocks = _build(Clocks, _subtable(table, "clocks", where), where + " [clocks]")
     _check_keys(table, _TYPES[Profile], where)
     if "targets" not in table:
         raise ConfigError(f"{where}: missing required key 'targets'", "list the targets this device runs, preferred first")
-    profile = _build(Profile, table, where, name=name, path=where, bench=bench, budgets=budgets)
+    profile = _build(Profile, table, where, name=name, path=where, bench=bench, budgets=budgets, clocks=clocks)
     _check_hardware(profile.hardware, where)
     _check_bench(bench, where + " [bench]")
     _check_budgets(budgets, where + " [budgets]")
+    _check_clocks(clocks, where + " [clocks]")
     if not profile.targets:
         raise ConfigError(f"{where}: targets must name at least one target")
     base = Path(where).parent

@@ -40,6 +40,9 @@ Profile schema::
     [bench]    threads (0: runtime decides), warmup, warmup_s, iterations, min_time_s, batch_sizes
     [budgets]  latency_ms, latency_percentile (p50|p90|p95|p99|mean), size_mb, peak_rss_mb,
                min_accuracy (fraction)
+    [clocks]   what `bench --host --set-clocks` applies for the run (then restores): governor
+               (a cpufreq governor, or "keep"), jetson_clocks (bool), nvpmodel (a power mode ID,
+               or its name in the device's /etc/nvpmodel.conf)
 
 Names: ``load_target`` accepts a target name, a target alias, a profile name or alias (meaning
 that profile's preferred target, so ``--target rpi5`` works) or a path to a .toml file.
@@ -127,6 +130,18 @@ class Budgets:
 
 
 @dataclass(frozen=True)
+class Clocks:
+    """Clock settings ``bench --host --set-clocks`` applies on the device (never without it)."""
+
+    governor: str = "performance"  # cpufreq governor of every CPU; "keep": leave it
+    jetson_clocks: bool = True  # on a Jetson: lock clocks at the power mode's maximum
+    nvpmodel: int | str | None = None  # Jetson power mode ID or name; None: leave it
+
+
+GOVERNORS = ("performance", "schedutil", "ondemand", "conservative", "powersave", "userspace", "keep")
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str = ""
@@ -135,6 +150,7 @@ class Profile:
     targets: tuple[str, ...] = ()
     bench: BenchSettings = field(default_factory=BenchSettings)
     budgets: Budgets = field(default_factory=Budgets)
+    clocks: Clocks = field(default_factory=Clocks)
     path: str = ""
 
 
@@ -217,6 +233,7 @@ _TYPES: dict[type, dict[str, Any]] = {
     Budgets: {"latency_ms": _NUM, "latency_percentile": str, "size_mb": _NUM,
               "peak_rss_mb": _NUM, "min_accuracy": _NUM},
     Profile: {"description": str, "aliases": str, "hardware": dict, "targets": str},
+    Clocks: {"governor": str, "jetson_clocks": bool, "nvpmodel": (int, str)},
 }
 _LISTS = {"aliases", "weight_bits", "act_bits", "accelerated_weight_bits", "accelerated_act_bits",
           "batch_sizes", "targets"}
@@ -347,6 +364,14 @@ def _check_bench(bench: BenchSettings, where: str) -> None:
         op.check(key, getattr(bench, key), f"{where}: {key}")
     if not bench.batch_sizes:
         raise ConfigError(f"{where}: batch_sizes must be a non-empty list of positive integers")
+
+
+def _check_clocks(clocks: Clocks, where: str) -> None:
+    _check_choice(clocks.governor, GOVERNORS, "governor", where)
+    if isinstance(clocks.nvpmodel, int):
+        _check_range(clocks.nvpmodel, "nvpmodel", where, 0)
+    elif clocks.nvpmodel is not None and not clocks.nvpmodel.strip():
+        raise ConfigError(f"{where}: nvpmodel must be a power mode ID or name, got {clocks.nvpmodel!r}")
 
 
 def _check_budgets(budgets: Budgets, where: str) -> None:

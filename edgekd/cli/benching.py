@@ -9,6 +9,7 @@ import click
 
 from . import common as c
 from .app import main
+from .bench_host import bench_on_hosts, host_options, split_host_options
 
 @main.command("bench")
 @click.argument("bundles", nargs=-1, type=click.Path(path_type=Path))
@@ -30,6 +31,7 @@ from .app import main
 @c.flag("warmup_s", "--warmup-time", default=None, show_default=False)
 @c.flag("min_time_s", "--min-time", default=None, show_default=False)
 @c.flag("batch_sizes", "--batch-size", default=(), show_default=False, multiple=True, type=int)
+@host_options
 def bench_command(bundles, profile, json_path, csv_path, markdown_path, plot_path, strict, overwrite, **overrides):
     """Benchmark exported bundles on this machine (needs only numpy and the runtime).
 
@@ -43,6 +45,10 @@ def bench_command(bundles, profile, json_path, csv_path, markdown_path, plot_pat
          unless --strict)
       1  --strict and some row's status is fail, error or skipped
       2  usage error: no bundle found, unknown profile, bad option, missing extra
+    130  interrupted (Ctrl-C); with --host the rows measured so far are shown
+
+    With --host, the bundles are benched on the device over SSH (see edgekd.bench.remote): one
+    table with a host column and one line per host (governor, temperature, throttling, clocks).
     """
     from .. import bench as bench_core
     from ..bench import report
@@ -50,10 +56,14 @@ def bench_command(bundles, profile, json_path, csv_path, markdown_path, plot_pat
 
     if plot_path:
         report.check_plot_available()
+    remote = split_host_options(overrides)
     prof = load_profile(profile) if profile else None
     settings = bench_core.resolve_settings(prof, **overrides)
     paths = bench_core.resolve_bundles(bundles)
     report.check_outputs(paths, overwrite, json=json_path, csv=csv_path, markdown=markdown_path, plot=plot_path)
+    if remote["hosts"]:
+        outputs = {"json": json_path, "csv": csv_path, "markdown": markdown_path, "plot": plot_path}
+        click.get_current_context().exit(bench_on_hosts(paths, prof, overrides, remote, outputs, strict))
     rows = bench_core.bench_bundles(paths, settings, prof.budgets if prof else None, prof.name if prof else None,
                                     progress=lambda p: click.echo(f"benchmarking {p} ...", err=True))
     click.echo(report.render_table(rows), nl=False)
