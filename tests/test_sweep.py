@@ -7,6 +7,7 @@ by ones that raise, so that any redone stage would show."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -65,6 +66,20 @@ def test_every_cell_is_distilled_exported_and_benched(swept):
     assert sum(r["best"] for r in result.rows) == 1 and result.pareto
     assert all(r["pareto"] == (r in result.pareto) for r in result.rows)
     assert not any("reusing" in line for line in lines)
+
+
+def test_each_cell_run_dir_has_its_curves(swept):
+    """Each cell's run dir (distill's) carries metrics.csv and curves.png, one row per QAT epoch."""
+    import csv
+
+    result, _ = swept
+    for cell in ("bits8-none", "bits4-none"):
+        run = result.root / "runs" / cell
+        rows = list(csv.DictReader((run / "metrics.csv").open()))
+        assert [(r["phase"], r["epoch"]) for r in rows] == [("qat", "1")]  # OPTS: no float epochs, 1 QAT epoch
+        assert "loss.ce" in rows[0] and 0 <= float(rows[0]["val_accuracy"]) <= 1
+        if importlib.util.find_spec("matplotlib") is not None:
+            assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_resume_redoes_nothing(swept, monkeypatch, tmp_path):

@@ -119,7 +119,10 @@ quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar or
 
 
 def training_opts(f):
-    """--device, --amp and --resume, shared by train and distill."""
+    """--device, --amp, --resume and --tensorboard, shared by train and distill."""
+    f = click.option("--tensorboard", is_flag=True,
+                     help="Also write TensorBoard events as epochs finish, into tensorboard/NAME next to the run "
+                          "dir (needs: pip install 'edgekd[tensorboard]').")(f)
     f = click.option("--resume", is_flag=True,
                      help="Continue the interrupted run with the same options and --out from its checkpoint "
                           "(OUT.partial, written every epoch and on Ctrl-C / SIGTERM).")(f)

@@ -22,14 +22,14 @@ from .app import main
 @c.overwrite_opt
 @c.training_opts
 @c.quiet_opt
-def train(data, arch, epochs, lr, batch_size, seed, out, overwrite, device, amp, resume, quiet):
+def train(data, arch, epochs, lr, batch_size, seed, out, overwrite, device, amp, resume, tensorboard, quiet):
     """Train a float model to use as a teacher."""
     from ..api import TrainOptions, train as run_train
     from ..training.distributed import launched_rank
 
     opts = TrainOptions(data=data, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                         progress=not quiet, device=device, amp=amp)
-    metrics = run_train(opts, out=out, log=c.logger(quiet), resume=resume, overwrite=overwrite)
+    metrics = run_train(opts, out=out, log=c.logger(quiet), resume=resume, overwrite=overwrite, tensorboard=tensorboard)
     if launched_rank() != 0:  # torchrun: rank 0 reports
         return
     click.echo(f"teacher: {metrics['path']}  test accuracy {metrics['accuracy']:.4f}  "
@@ -74,7 +74,7 @@ def _distill_options(f):
 @main.command()
 @_distill_options
 def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first_last_bits, bit_schedule, assistants,
-            no_cache, out, overwrite, trust_code, list_layers, resume, quiet, **kw):
+            no_cache, out, overwrite, trust_code, list_layers, resume, tensorboard, quiet, **kw):
     """Train a quantized student by knowledge distillation (Brevitas QAT at 2..8 bits).
 
     \b
@@ -98,7 +98,7 @@ def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first
                           progress=not quiet)
     if list_layers:
         return _print_layers(opts, trust_code)
-    m = run_distill(opts, out=out, log=c.logger(quiet), resume=resume, overwrite=overwrite, trust_code=trust_code)
+    m = run_distill(opts, out=out, log=c.logger(quiet), resume=resume, overwrite=overwrite, trust_code=trust_code, tensorboard=tensorboard)
     if launched_rank() != 0:  # torchrun: rank 0 reports
         return
     teacher_acc = f"{m['teacher_accuracy']:.4f}" if m["teacher_accuracy"] is not None else "-"

@@ -22,7 +22,7 @@ from .teachers import load_teacher_file, resolve_teachers, teacher_specs
 
 
 def distill(opts: DistillOptions, out: Path | None = None, log: Log = quiet, resume: bool = False,
-            overwrite: bool = False, trust_code: bool = False) -> dict:
+            overwrite: bool = False, trust_code: bool = False, tensorboard: bool = False) -> dict:
     """Quantized distillation: KD from the teacher while training the student with Brevitas QAT.
 
     The scheme (training.schemes) decides who teaches whom; the objective (kd, from ``method`` or a
@@ -33,11 +33,14 @@ def distill(opts: DistillOptions, out: Path | None = None, log: Log = quiet, res
     ``out`` obeys the output-path rule (core.fsutil.check_output; ``overwrite``) and is locked from
     before training until the run is in place. Model specs read from files (the recipe, teacher
     checkpoints) may name code (``module:callable``) only with ``trust_code``.
+
+    The run dir gets ``metrics.csv`` and ``curves.png`` (training.curves); ``tensorboard`` also
+    writes TensorBoard events as epochs finish (training.curves.tensorboard_dir).
     """
     joined, loud = join_group(opts)
     try:
         with ExitStack() as held:
-            return _distill(opts, out, log if loud else quiet, resume, _Asks(overwrite, trust_code, held))
+            return _distill(opts, out, log if loud else quiet, resume, _Asks(overwrite, trust_code, held), tensorboard)
     finally:
         if joined:
             from ..training import distributed as dd
@@ -98,9 +101,11 @@ def _plan(opts: DistillOptions, out: Path | None, log: Log, asks: _Asks, resume:
     return _Plan(replace(opts, order=order), order, target, spec, new_objective, data, float_model, method, out)
 
 
-def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool, asks: _Asks) -> dict:
+def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool, asks: _Asks,
+             tensorboard: bool = False) -> dict:
     from ..training import accuracy, distributed as dd, schemes
     from ..training.checkpoint import RunCheckpoints, partial_dir
+    from ..training.curves import History
 
     from ..training import set_threads
 
@@ -112,6 +117,7 @@ def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool, ask
         from ..core.locks import write_lock
 
         asks.held.enter_context(write_lock(plan.out))
+    board = _board(plan.out, tensorboard, log, asks.held)
     objective = plan.new_objective()
     teacher, teacher_acc, teacher_src = None, None, None
     if (objective.needs_teacher and opts.scheme != "dml") or opts.scheme == "assistant":
@@ -122,13 +128,14 @@ def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool, ask
     logf(f"method {plan.method} ({', '.join(f'{w:g} x {n}' for n, w, _ in objective.terms)}), scheme {opts.scheme}, "
          f"order {plan.order}" + (f", {dd.world()} processes (global batch {opts.batch_size})" if dd.world() > 1 else ""))
     run = schemes.Run(opts=opts, data=plan.data, spec=plan.spec, new_objective=plan.new_objective,
-                      teacher=teacher, log=logf, checkpoints=checkpoints)
+                      teacher=teacher, log=logf, checkpoints=checkpoints,
+                      history=History(board.epoch if board is not None else None))
     result = schemes.SCHEMES.get(opts.scheme)(run)
     student_acc = accuracy(result.student, plan.data.test, sharded=True)
     logf(f"{plan.spec.label} student test accuracy (fake-quant, PyTorch) {student_acc:.4f}")
     metrics = _metrics(plan, run, result, objective, teacher_acc, teacher_src, student_acc)
     if dd.is_main():
-        _write_run(plan, result, metrics, lines)
+        _write_run(plan, result, metrics, lines, logf)
     checkpoints.finish()
     return metrics | {"run_dir": str(plan.out)}
 
@@ -149,8 +156,24 @@ def _metrics(plan: _Plan, run, result, objective, teacher_acc, teacher_src, stud
             "seconds": result.seconds, "history": run.history}
 
 
-def _write_run(plan: _Plan, result, metrics: dict, lines: list[str]) -> None:
+def _board(out: Path, tensorboard: bool, log: Log, held: ExitStack | None):
+    """The TensorBoard writer of ``--tensorboard`` (rank 0), closed when the run ends; made
+    before any training, so that a missing extra fails in a second."""
+    from ..training import distributed as dd
+    from ..training.curves import TensorBoard, tensorboard_dir
+
+    if not tensorboard or not dd.is_main():
+        return None
+    board = TensorBoard(tensorboard_dir(out), default_phase="distill")
+    if held is not None:
+        held.callback(board.close)
+    log(f"tensorboard: events in {board.logdir} (tensorboard --logdir {board.logdir.parent})")
+    return board
+
+
+def _write_run(plan: _Plan, result, metrics: dict, lines: list[str], log: Log = quiet) -> None:
     from .. import models
+    from ..training.curves import write_curves
 
     opts, spec = plan.opts, plan.spec
     meta = model_meta(opts.student, plan.data, opts.data, opts.seed) | {"quant": spec.to_dict(),
@@ -162,6 +185,7 @@ def _write_run(plan: _Plan, result, metrics: dict, lines: list[str]) -> None:
         models.save_checkpoint(tmp / "student.pt", result.student.state_dict(), meta)
         write_json(tmp / "recipe.json", recipe)
         write_json(tmp / "metrics.json", {"format": RUN_FORMAT} | metrics)
+        write_curves(tmp, metrics["history"], log, "distill", title=f"{plan.out.name}: {plan.method}, {spec.label}")
         write_text(tmp / "log.txt", "\n".join(lines) + "\n")
 
 

@@ -17,13 +17,14 @@ TEACHER_CACHE_VERSION = "v2"
 
 
 def train(opts: TrainOptions, out: Path | None = None, log: Log = quiet, resume: bool | str = False,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, tensorboard: bool = False) -> dict:
     """Train a float model (a teacher) and save it as an edgekd checkpoint; returns its metrics.
 
     ``resume``: True continues an interrupted run (training.checkpoint), "auto" does so when its
     checkpoints match these options. Under torchrun every rank trains (DDP), rank 0 writes.
     ``out`` obeys the output-path rule (core.fsutil.check_output; ``overwrite``) and is locked
-    while it is written."""
+    while it is written. The teacher dir gets ``metrics.csv`` and ``curves.png``; ``tensorboard``
+    also writes TensorBoard events as epochs finish (training.curves)."""
     from ..config import options as op
     from ..core.locks import write_lock
     from ..training import distributed as dd
@@ -38,13 +39,13 @@ def train(opts: TrainOptions, out: Path | None = None, log: Log = quiet, resume:
         with ExitStack() as held:
             if dd.is_main():
                 held.enter_context(write_lock(out, "teacher"))
-            return _train(opts, out, log if loud else quiet, resume)
+            return _train(opts, out, log if loud else quiet, resume, tensorboard)
     finally:
         if joined:
             dd.shutdown()
 
 
-def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str) -> dict:
+def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str, tensorboard: bool = False) -> dict:
     from .. import models
     from ..training import loop as tr
     from ..training.evaluate import accuracy
@@ -52,6 +53,7 @@ def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str) -
     from ..kd import make_loss
     from ..training import distributed as dd
     from ..training.checkpoint import RunCheckpoints, partial_dir
+    from ..training.curves import TensorBoard, tensorboard_dir, write_curves
 
     tr.set_threads()
     data = load_dataset(opts.data, seed=opts.seed)
@@ -62,8 +64,15 @@ def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str) -
         + (f" on {dd.world()} processes" if dd.world() > 1 else ""))
     cfg = tr.FitConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed,
                        flip=data.flip_augment, progress=opts.progress, desc="teacher", device=opts.device, amp=opts.amp)
-    result = tr.fit(model, data, cfg, make_loss("none"), on_epoch=lambda r: log(epoch_line("teacher", r)),
-                    checkpoint=ckpts.phase("teacher"))
+    board = TensorBoard(tensorboard_dir(out), "teacher") if tensorboard and dd.is_main() else None
+    if board is not None:
+        log(f"tensorboard: events in {board.logdir} (tensorboard --logdir {board.logdir.parent})")
+    try:
+        result = tr.fit(model, data, cfg, make_loss("none"), checkpoint=ckpts.phase("teacher"),
+                        on_epoch=lambda r: (log(epoch_line("teacher", r)), board and board.epoch(r)))
+    finally:
+        if board is not None:
+            board.close()
     metrics = {"accuracy": accuracy(model, data.test, sharded=True), "val_accuracy": result.best_val_accuracy,
                "best_epoch": result.best_epoch, "seconds": result.seconds, "history": result.history,
                "params": models.count_params(model), "processes": dd.world(), **options_dict(opts)}
@@ -72,6 +81,7 @@ def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str) -
         with atomic_dir(out) as tmp:
             models.save_checkpoint(tmp / "model.pt", model.state_dict(), meta)
             write_json(tmp / "metrics.json", {"format": TEACHER_FORMAT} | metrics)
+            write_curves(tmp, result.history, log, "teacher", title=f"{out.name}: {opts.arch} on {opts.data}")
     ckpts.finish()
     log(f"teacher test accuracy {metrics['accuracy']:.4f}; saved {out / 'model.pt'}")
     return metrics | {"path": str(out / "model.pt")}

@@ -222,7 +222,7 @@ class Phase:
         share = len(idx) * dd.world() / len(batch)  # DDP averages: weight by this rank's share
         t_logits, t_feats = self._teacher_outputs(idx, xb)
         with self.amp:
-            loss, weighted, logits = self.train_module(xb, yb, t_logits, t_feats, share)
+            loss, weighted, logits, parts = self.train_module(xb, yb, t_logits, t_feats, share)
         self._check_loss(loss, f"epoch {epoch}, step {st.step + 1}/{self.steps} of '{cfg.desc}'", epoch)
         self.opt.zero_grad(set_to_none=True)
         weighted.backward()
@@ -231,6 +231,7 @@ class Phase:
         st.sums[0] += len(yb)
         st.sums[1] += int((logits.argmax(1) == yb).sum())
         st.sums[2] += float(loss.detach()) * len(yb)
+        add_parts(st.sums, parts, len(yb))
         st.step += 1
 
     def _teacher_outputs(self, idx: torch.Tensor, xb: torch.Tensor):
@@ -261,12 +262,13 @@ class Phase:
     def end_epoch(self, epoch: int, on_epoch) -> None:
         """Validation (batch norms and counts agreed across ranks), the best state, the checkpoint."""
         st = self.state
-        seen, correct, loss_sum = dd.all_sum(*st.sums)
+        seen, correct, loss_sum = dd.all_sum(*st.sums[:3])
         for module in (self.model, *self.peers):
             dd.broadcast_buffers(module)
         val = accuracy(self.model, self.data.val, sharded=True)
         row = {"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": correct / seen, "val_accuracy": val,
-               "lr": self.sched.get_last_lr()[0], "seconds": st.elapsed + time.perf_counter() - self.start}
+               "lr": self.sched.get_last_lr()[0], "seconds": st.elapsed + time.perf_counter() - self.start,
+               "losses": {k: v / st.sums[0] for k, v in (st.sums[3] if len(st.sums) > 3 else {}).items()}}
         st.history.append(row)
         if val > st.best:
             st.best, st.best_state = val, copy.deepcopy(self.model.state_dict())
@@ -322,6 +324,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def add_parts(sums: list, parts: dict, n: int) -> None:
+    """Add a step's loss terms (the objective's named parts, each a batch mean) to the epoch's
+    sums, kept as ``sums[3]`` so that a checkpoint carries them; the epoch row has their means."""
+    if len(sums) < 4:
+        sums.append({})
+    for name, value in (parts or {}).items():
+        sums[3][name] = sums[3].get(name, 0.0) + float(value) * n
+
+
 def compute_loss(loss_fn, logits, t_logits, labels, feats):
     """Objectives take the captured features; plain (s, t, y) callables still work."""
     if isinstance(loss_fn, nn.Module) or getattr(loss_fn, "wants_layers", False):
@@ -366,7 +377,7 @@ class _Step(nn.Module):
         loss, parts = compute_loss(self.loss_fn, logits, t_logits, yb, feats)
         if self.peers:
             loss = loss + mutual_loss(peer_logits, logits, yb)
-        return loss, loss * weight, logits
+        return loss, loss * weight, logits, parts
 
 
 def _step_modules(model, peers, loss_fn, device: torch.device):
