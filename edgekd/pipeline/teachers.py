@@ -55,8 +55,11 @@ def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str, t
     from ..training.checkpoint import RunCheckpoints, partial_dir
     from ..training.curves import TensorBoard, tensorboard_dir, write_curves
 
+    import torch
+
     tr.set_threads()
     data = load_dataset(opts.data, seed=opts.seed)
+    torch.manual_seed(opts.seed)  # the initial weights depend on the seed alone, not on the process
     model = models.build_model(opts.arch, data.num_classes, data.input_shape)
     out = Path(out) if out else teacher_dir(opts.data, opts.arch, opts.seed, opts.epochs)
     ckpts = RunCheckpoints(partial_dir(out), options_dict(opts), resume, log)
