@@ -84,7 +84,7 @@ def load_dataset(spec: str = "digits", seed: int = 0, val_fraction: float = 0.1)
     else:
         raise unknown("dataset", spec, ["digits", "fashion-mnist", "fashion-mnist:DIR", "npz:FILE"])
     train, val = _split(*train, test_fraction=val_fraction, seed=seed + 1)
-    if not (len(val[1]) and len(test[1])):
+    if kind == "npz" and not (len(val[1]) and len(test[1])):  # the user's arrays: every split must hold samples
         raise ConfigError(f"dataset {spec}: too few samples per class ({len(train[1])} train, {len(val[1])} "
                           f"validation, {len(test[1])} test)", "give every class at least 10 samples")
     mean, std = _stats(train[0])
