@@ -31,11 +31,23 @@ DATASETS = ("digits", "fashion-mnist", "npz")
 
 @dataclass
 class Split:
+    """A split held in memory (the lazy kind, an image folder's, is data.imagefolder.FolderSplit:
+    both offer len(), .y, .take(idx) and .subset(idx))."""
+
     x: np.ndarray  # float32 (N, C, H, W), normalized
     y: np.ndarray  # int64 (N,)
 
+    lazy = False
+
     def __len__(self) -> int:
         return len(self.y)
+
+    def take(self, idx) -> np.ndarray:
+        return self.x[np.asarray(idx, dtype=np.int64)]
+
+    def subset(self, idx) -> "Split":
+        idx = np.asarray(idx, dtype=np.int64)
+        return Split(self.x[idx], self.y[idx])
 
 
 @dataclass
