@@ -66,12 +66,34 @@ _KIND_TEXT = (((float,), "a number"), ((int,), "an integer"), ((bool,), "true or
 
 OPTIONS: dict[str, Opt] = {o.name: o for o in [
     # --- what to train on and with ---
-    Opt("data", "digits", str, "Dataset: digits, fashion-mnist[:DIR] or npz:FILE."),
-    Opt("teacher", None, (str, list), "Teacher: an edgekd checkpoint file, ARCH=WEIGHTS, or an architecture "
-        "to train once and reuse [default: cnn-teacher]. Repeat for a multi-teacher ensemble.", nullable=True),
-    Opt("student", DEFAULT_STUDENT, str, "Student: a built-in name, torchvision:NAME or module:callable "
-        "(must trace with torch.fx)."),
-    Opt("arch", DEFAULT_TEACHER, str, "Architecture: a built-in name, torchvision:NAME or module:callable."),
+    Opt("data", "digits", str, "Dataset: digits, fashion-mnist[:DIR], npz:FILE or imagefolder:DIR "
+        "(DIR/train/<class>/*, optional DIR/val/ and DIR/test/)."),
+    Opt("teacher", None, (str, list), "Teacher: an edgekd checkpoint file, ARCH=WEIGHTS (e.g. "
+        "torchvision:resnet18=teacher.pth), or an architecture to train once and reuse [default: cnn-teacher]. "
+        "Repeat for a multi-teacher ensemble.", nullable=True),
+    Opt("student", DEFAULT_STUDENT, str, "Student: a built-in name, torchvision:NAME, timm:NAME or module:callable "
+        "(must trace with torch.fx), optionally =WEIGHTS to start from a weights file (a new head if its class "
+        "count differs), or an edgekd checkpoint file."),
+    Opt("arch", DEFAULT_TEACHER, str, "Architecture: a built-in name, torchvision:NAME, timm:NAME or "
+        "module:callable, optionally =WEIGHTS to start from a weights file."),
+    # --- how the data is read ---
+    Opt("normalize", "auto", str, "Input normalization: auto (train-split mean/std), imagenet, none, or MEAN/STD "
+        "with comma-separated per-channel values (0.5,0.5,0.5/0.25,0.25,0.25). Feed a pretrained teacher what it "
+        "was trained with.", metavar="auto|imagenet|none|MEAN/STD"),
+    Opt("image_size", None, int, "Image folders: resize the shorter side and centre-crop to N x N (training: "
+        "random resized crops) [default: the images' own size, which must agree].", lo=1, nullable=True,
+        metavar="N"),
+    Opt("channels", None, int, "Image folders: 1 (grayscale) or 3 (RGB) [default: 1 if every image is grayscale].",
+        choices=(1, 3), nullable=True),
+    Opt("augment", None, str, "Training augmentation: crop+flip (random resized crop and horizontal flip), flip or "
+        "none [default: crop+flip for image folders, the dataset's flips otherwise].",
+        choices=("crop+flip", "flip", "none"), nullable=True),
+    Opt("workers", 2, int, "Image folders: DataLoader worker processes decoding images (0: in this process).", lo=0),
+    Opt("skip_bad_images", False, bool, "Image folders: skip unreadable images (counted in metrics.json) instead "
+        "of stopping."),
+    Opt("force", False, bool, "Distill even when the teacher's test accuracy is near chance."),
+    Opt("eval_samples", 2000, int, "Test images stored in the bundle's eval.npz (a seeded, stratified sample) for "
+        "parity and on-device accuracy; the whole test split is measured at export.", lo=1),
     Opt("target", DEFAULT_TARGET, str, "Target whose quantizer conventions the student is trained with "
         "(name, alias or .toml)."),
     # --- quantization ---
@@ -120,6 +142,7 @@ OPTIONS: dict[str, Opt] = {o.name: o for o in [
     Opt("cache", True, bool, "Cache the teacher's outputs when the input pipeline is deterministic."),
     Opt("train_limit", None, int, "Train on the first N training samples only.", lo=1, nullable=True),
     Opt("seed", 0, int, "Seed for splits, init and order.", lo=0),
+    Opt("calib_samples", 1024, int, "Training images the activation ranges are calibrated on (quantize: PTQ).", lo=1),
     Opt("device", "cpu", str, "Where to train: cpu or cuda[:N]. Multi-process: launch with 'torchrun "
         "--nproc-per-node N -m edgekd ...' (gloo on CPU, nccl on CUDA; --batch-size is the global batch).",
         metavar="cpu|cuda[:N]"),
@@ -204,6 +227,12 @@ def validate(opts, where: str = "") -> None:
 class TrainOptions:
     data: str = default("data")
     arch: str = default("arch")
+    normalize: str = default("normalize")
+    image_size: int | None = default("image_size")
+    channels: int | None = default("channels")
+    augment: str | None = default("augment")
+    workers: int = default("workers")
+    skip_bad_images: bool = default("skip_bad_images")
     epochs: int = default("teacher_epochs")
     lr: float = default("lr")
     batch_size: int = default("batch_size")
@@ -252,3 +281,10 @@ class DistillOptions:
     train_limit: int | None = default("train_limit")
     device: str = default("device")
     amp: bool = default("amp")
+    normalize: str = default("normalize")
+    image_size: int | None = default("image_size")
+    channels: int | None = default("channels")
+    augment: str | None = default("augment")
+    workers: int = default("workers")
+    skip_bad_images: bool = default("skip_bad_images")
+    force: bool = default("force")  # distill even when the teacher is near chance

@@ -1,12 +1,14 @@
-"""Dataset specs -> fixed, seeded (train, val, test) splits held in memory.
+"""Dataset specs -> fixed, seeded (train, val, test) splits.
 
 Specs: ``digits`` (scikit-learn's bundled 8x8 digits, the built-in default),
 ``fashion-mnist[:DIR]`` (the four IDX files; default directory is where Debian's
-``dataset-fashion-mnist`` puts them, or $EDGEKD_FASHION_MNIST_DIR), and ``npz:FILE``
-(arrays ``x`` (N,H,W) or (N,C,H,W) and ``y``). Nothing is downloaded.
+``dataset-fashion-mnist`` puts them, or $EDGEKD_FASHION_MNIST_DIR), ``npz:FILE``
+(arrays ``x`` (N,H,W) or (N,C,H,W) and ``y``), all held in memory, and ``imagefolder:DIR``
+(data.imagefolder: decoded lazily). Nothing is downloaded.
 
-Images are scaled to [0, 1] and then normalized per channel with the training split's mean
-and std; the normalization is recorded so that exported bundles and devices can reproduce it.
+Images are scaled to [0, 1] and then normalized per channel (``--normalize``, data.normalize:
+by default with the training split's mean and std); the normalization is recorded so that
+exported bundles and devices can reproduce it.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import numpy as np
 
 from ..core.errors import ConfigError, MissingFileError
 from ..core.registry import unknown
+from .normalize import resolve_normalization
 from .npz import read_npz
+from .options import DataOptions
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-DATASETS = ("digits", "fashion-mnist", "npz")
+DATASETS = ("digits", "fashion-mnist", "npz")  # held in memory; imagefolder:DIR is read lazily
 
 
 @dataclass
@@ -53,22 +57,37 @@ class Split:
 @dataclass
 class Dataset:
     name: str
-    train: Split
+    train: Split  # or a lazy split (data.imagefolder.FolderSplit): len(), .y, .take(idx), .subset(idx)
     val: Split
     test: Split
     classes: list[str]
     mean: list[float]
     std: list[float]
     flip_augment: bool = False  # random horizontal flips make sense for this data
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # lazy splits: input_shape, transform, files per split
+    options: DataOptions = field(default_factory=DataOptions)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        if "input_shape" in self.meta:
+            return tuple(self.meta["input_shape"])
         return tuple(self.train.x.shape[1:])
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def transform(self) -> dict:
+        """What a device does to an image before the model (recorded in the run and the bundle)."""
+        return self.meta.get("transform") or {"normalize": {"mean": self.mean, "std": self.std}}
+
+    def bad_images(self) -> list[str]:
+        """Images skipped so far because they could not be read (``--skip-bad-images``)."""
+        found = set()
+        for split in (self.train, self.val, self.test):
+            found |= set(getattr(split, "bad", ()))
+        return sorted(found)
 
     def describe(self) -> dict:
         return {"name": self.name, "input_shape": list(self.input_shape), "classes": self.classes,
@@ -76,11 +95,23 @@ class Dataset:
                 "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)}}
 
 
-def load_dataset(spec: str = "digits", seed: int = 0, val_fraction: float = 0.1) -> Dataset:
-    """Resolve a dataset spec. The split depends only on ``seed``, never on the machine."""
+SPECS = ["digits", "fashion-mnist", "fashion-mnist:DIR", "npz:FILE", "imagefolder:DIR"]
+
+
+def load_dataset(spec: str = "digits", seed: int = 0, val_fraction: float = 0.1,
+                 options: DataOptions | None = None) -> Dataset:
+    """Resolve a dataset spec. The split depends only on ``seed``, never on the machine.
+    ``options``: normalization for every spec; size, channels, augmentation, workers and bad files
+    for image folders (data.options)."""
+    options = options or DataOptions()
     kind, _, arg = spec.partition(":")
+    if kind == "imagefolder":
+        return _imagefolder(spec, arg, seed, val_fraction, options)
     if kind == "digits" and ":" in spec:
         raise ConfigError(f"dataset {spec!r}: digits takes no argument (scikit-learn bundles it)", "use --data digits")
+    if kind not in DATASETS:
+        raise unknown("dataset", spec, SPECS)
+    flip_asked = options.check_in_memory(spec)
     if kind == "digits":
         images, labels, classes = _digits()
         train, test = _split(images, labels, test_fraction=0.2, seed=seed)
@@ -88,21 +119,30 @@ def load_dataset(spec: str = "digits", seed: int = 0, val_fraction: float = 0.1)
     elif kind == "fashion-mnist":
         train, test = _fashion_mnist(Path(arg or os.environ.get("EDGEKD_FASHION_MNIST_DIR", FASHION_MNIST_DIR)))
         classes, flip = FASHION_CLASSES, True
-    elif kind == "npz":
+    else:
         images, labels = read_npz(Path(arg))
         classes = [str(c) for c in range(int(labels.max()) + 1)]
         train, test = _split(images, labels, test_fraction=0.2, seed=seed)
         flip = False
-    else:
-        raise unknown("dataset", spec, ["digits", "fashion-mnist", "fashion-mnist:DIR", "npz:FILE"])
     train, val = _split(*train, test_fraction=val_fraction, seed=seed + 1)
     if kind == "npz" and not (len(val[1]) and len(test[1])):  # the user's arrays: every split must hold samples
         raise ConfigError(f"dataset {spec}: too few samples per class ({len(train[1])} train, {len(val[1])} "
                           f"validation, {len(test[1])} test)", "give every class at least 10 samples")
-    mean, std = _stats(train[0])
+    mean, std = resolve_normalization(options.normalize, train[0].shape[1], lambda: _stats(train[0]))
     norm = lambda a: ((a - np.array(mean, np.float32)[:, None, None]) / np.array(std, np.float32)[:, None, None])
     return Dataset(kind if kind != "npz" else spec, Split(norm(train[0]), train[1]), Split(norm(val[0]), val[1]),
-                   Split(norm(test[0]), test[1]), classes, mean, std, flip_augment=flip)
+                   Split(norm(test[0]), test[1]), classes, mean, std,
+                   flip_augment=flip if flip_asked is None else flip_asked, options=options)
+
+
+def _imagefolder(spec: str, arg: str, seed: int, val_fraction: float, options: DataOptions) -> Dataset:
+    from .imagefolder import load_imagefolder
+
+    if not arg:
+        raise ConfigError("dataset 'imagefolder' needs a folder", "use --data imagefolder:DIR with DIR/train/<class>/")
+    data = load_imagefolder(Path(arg), seed, options.folder_options(), options.normalize, val_fraction)
+    data.name, data.options = spec, options
+    return data
 
 
 def _digits():

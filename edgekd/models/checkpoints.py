@@ -54,9 +54,14 @@ def load_checkpoint(path: str | Path) -> dict:
                               f"({type(e).__name__}: {detail})", "pass a complete .pt or .safetensors file") from None
     if isinstance(obj, dict) and obj.get("format") == "edgekd-checkpoint-1":
         return obj
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {"format": "state_dict", "meta": {}, "state_dict": obj}
-    raise CheckpointError(f"{path} is not a state_dict or an edgekd checkpoint")
+    from .weights import WRAPPERS, unwrap
+
+    state = unwrap(obj)
+    if state is not None:
+        return {"format": "state_dict", "meta": {}, "state_dict": state}
+    raise CheckpointError(f"{path} is not a state_dict or an edgekd checkpoint",
+                          f"save model.state_dict() (or a dict holding it under one of {', '.join(WRAPPERS)}), "
+                          "or .safetensors")
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -130,8 +135,8 @@ def load_model(path: str | Path, expect_classes: int | None = None, arch: str | 
     meta = ckpt["meta"]
     if "arch" not in meta and arch is None:
         raise CheckpointError(f"{path} has weights but no architecture",
-                              "use a checkpoint written by 'edgekd train' (it records the architecture), "
-                              "or pass an architecture name as --teacher to train one")
+                              f"name the architecture they belong to: --teacher ARCH={path} (e.g. "
+                              f"torchvision:resnet18={path}), or use a checkpoint written by 'edgekd train'")
     check_meta(meta, path, ("num_classes", "input_shape") + (("arch",) if arch is None else ()))
     if expect_classes is not None and meta["num_classes"] != expect_classes:
         raise IncompatibleError(f"teacher {path} predicts {meta['num_classes']} classes but the dataset has "

@@ -1,9 +1,10 @@
 """Model specs -> nn.Module, adapted to the dataset's channels and classes.
 
 Specs: a built-in name (``cnn-teacher``, ``cnn-student``, ``resnet-student``, ``mlp-student``),
-``torchvision:NAME`` (built with random weights; nothing is downloaded) or ``module:callable``
-(``package.module:function``, called with the keyword arguments it accepts among ``num_classes``
-and ``in_channels``). A spec that names code (``module:callable``) is built only when the caller
+``torchvision:NAME`` or ``timm:NAME`` (built with random weights; nothing is downloaded; timm is the
+extra ``edgekd[timm]``) or ``module:callable`` (``package.module:function``, called with the keyword
+arguments it accepts among ``num_classes`` and ``in_channels``). Any of them may carry a weights
+file, ``ARCH=WEIGHTS`` (models.weights.from_spec loads it). A spec that names code (``module:callable``) is built only when the caller
 says it comes from the user (the command line or the Python API, ``trusted=True``): a spec read
 from a file (checkpoint metadata, recipe, manifest) may name only built-in and torchvision models.
 """
@@ -20,7 +21,8 @@ from torch import nn
 from ..core.errors import ConfigError
 from .zoo import ARCHS
 
-SAFE_PREFIXES = ("torchvision:",)  # specs with a colon that name no code
+SAFE_PREFIXES = ("torchvision:", "timm:")  # specs with a colon that name no code
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 class UntrustedCodeError(ConfigError):
@@ -48,12 +50,15 @@ def check_trusted(spec, source: str, how: str, trusted: bool) -> None:
 
 def split_weights(spec: str) -> tuple[str | None, str | None]:
     """(architecture, weights file) of a model spec: ``ARCH=WEIGHTS`` gives both, an existing file
-    or a path-like spec (``.pt``, ``.pth``, ``.safetensors``, a ``/``) only the file, anything else
-    only the architecture."""
-    if Path(spec).exists() or ("=" not in spec and (spec.endswith((".pt", ".pth", ".safetensors")) or "/" in spec)):
+    or a path-like spec (``.pt``, ``.pth``, ``.bin``, ``.safetensors``, a ``/``) only the file (an
+    edgekd checkpoint names its architecture), anything else only the architecture."""
+    if Path(spec).exists() or ("=" not in spec and (spec.endswith(WEIGHT_SUFFIXES) or "/" in spec)):
         return None, spec
     arch, sep, weights = spec.partition("=")
-    if sep and arch and weights:
+    if sep and not (arch.strip() and weights.strip()):
+        raise ConfigError(f"model spec {spec!r}: ARCH=WEIGHTS needs both an architecture and a weights file",
+                          "e.g. torchvision:resnet18=teacher.pth or mypkg.nets:make=weights.pt")
+    if sep:
         return arch, weights
     return spec, None
 
@@ -66,6 +71,8 @@ def build_model(spec: str, num_classes: int, input_shape: tuple[int, int, int], 
     in_channels = input_shape[0]
     if spec.startswith("torchvision:"):
         return _torchvision(spec.split(":", 1)[1], num_classes, in_channels)
+    if spec.startswith("timm:"):
+        return _timm(spec.split(":", 1)[1], num_classes, in_channels)
     if ":" in spec and not Path(spec).exists():
         check_trusted(spec, f"the model spec {spec!r}", spec, trusted)
         return _from_callable(spec, num_classes, in_channels)
@@ -88,6 +95,22 @@ def _torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
     if in_channels != 3:
         _adapt_first_conv(model, in_channels)
     return model
+
+
+def _timm(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """A timm model with random weights (nothing is downloaded: ``pretrained=False``); timm adapts the
+    stem to ``in_channels`` itself."""
+    try:
+        import timm
+    except ImportError:
+        from ..core.errors import MissingExtraError
+
+        raise MissingExtraError("timm", "timm", f"the model timm:{name}") from None
+    if not timm.is_model(name):
+        from ..core.registry import unknown
+
+        raise unknown("timm model", name, timm.list_models())
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:

@@ -12,13 +12,14 @@ the colour channels, as timm's ``adapt_input_conv`` does).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ..core.errors import CheckpointError
+from ..core.errors import CheckpointError, MissingFileError
 
 WRAPPERS = ("state_dict", "model", "model_state_dict", "net", "module")
 PREFIXES = ("module.", "_orig_mod.")
@@ -26,11 +27,63 @@ PREFIXES = ("module.", "_orig_mod.")
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of ``path`` in any of the layouts above, prefixes stripped."""
+    return read_weights(path)[0]
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors with prefixes stripped, the file's edgekd metadata or {}) of a weights file."""
     from .checkpoints import load_checkpoint
 
+    path = Path(path)
+    if path.is_dir():
+        raise MissingFileError(f"weights file {path} is a directory",
+                               "pass the file inside it (edgekd writes model.pt or student.pt)")
+    if not path.is_file():
+        raise MissingFileError(f"weights file not found: {path}", "check the path in ARCH=WEIGHTS")
     ckpt = load_checkpoint(path)  # safe: weights_only / safetensors; edgekd checkpoints keep their state_dict
-    state = ckpt["state_dict"]
-    return {_strip(k): v for k, v in state.items()}
+    return {_strip(k): v for k, v in ckpt["state_dict"].items()}, ckpt["meta"]
+
+
+@dataclass
+class Built:
+    """A model built from a spec: the module, the architecture part of the spec (what a run records),
+    the weights file it was loaded from, and what was repaired."""
+
+    model: nn.Module
+    arch: str
+    weights: str | None = None
+    new_head: bool = False
+    notes: list = field(default_factory=list)
+
+
+def from_spec(spec: str, num_classes: int, input_shape: tuple[int, int, int], *, student: bool,
+              trust_code: bool = False, log: Callable[[str], None] = lambda s: None, role: str | None = None) -> Built:
+    """Build ``spec`` for the data's classes and input shape: an architecture (random weights),
+    ``ARCH=WEIGHTS`` (the architecture named here, trusted: it comes from the caller), or an edgekd
+    checkpoint file alone (its recorded architecture, which may name code only with ``trust_code``).
+
+    ``student``: a head whose class count differs is replaced by a new one (logged); for a
+    teacher that is an error naming the class count."""
+    from .checkpoints import check_meta
+    from .specs import build_model, check_trusted, split_weights
+
+    role = role or ("student" if student else "teacher")
+    arch, file = split_weights(spec)
+    if file is None:
+        return Built(build_model(arch, num_classes, input_shape), arch)
+    state, meta = read_weights(file)
+    if arch is None:
+        if "arch" not in meta:
+            raise CheckpointError(f"{file} has weights but no architecture",
+                                  f"name the architecture they belong to: --{role} ARCH={file} (e.g. "
+                                  f"torchvision:resnet18={file})")
+        check_meta(meta, file, ("arch",))
+        check_trusted(meta["arch"], file, f"--{role} {meta['arch']}={file}", trust_code)
+        arch = split_weights(meta["arch"])[0] or meta["arch"]
+    notes: list[str] = []
+    model = build_model(arch, num_classes, input_shape)
+    apply_weights(model, state, file, new_head=student, log=lambda line: (notes.append(line), log(line)))
+    return Built(model, arch, file, any("new head" in n for n in notes), notes)
 
 
 def unwrap(obj) -> dict | None:
@@ -78,6 +131,7 @@ def apply_weights(model: nn.Module, state: dict, source: str, new_head: bool = F
         state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
         state.update({k: v for k, v in own.items() if k.startswith(head_prefix)})
     _check_fit(own, state, source, stem, head)
+    state.update({k: v for k, v in own.items() if k not in state and k.endswith("num_batches_tracked")})
     model.load_state_dict(state, strict=True)
     return model
 

@@ -22,24 +22,54 @@ def slug(*parts) -> str:
 
 
 def dataset_name(spec: str) -> str:
-    return spec.split(":", 1)[0] if not spec.startswith("npz:") else Path(spec[4:]).stem
+    """A short name for run folders: the spec's kind, an npz file's stem, an image folder's name."""
+    kind, _, arg = spec.partition(":")
+    if kind == "npz":
+        return Path(arg).stem
+    if kind == "imagefolder" and arg:
+        return f"{Path(arg).resolve().name or 'root'}"
+    return kind
 
 
 def data_inputs(spec: str) -> list[Path]:
     """The files or folders a dataset spec reads (an output must not replace them)."""
     kind, _, arg = spec.partition(":")
-    return [Path(arg)] if kind in ("npz", "fashion-mnist") and arg else []
+    return [Path(arg)] if kind in ("npz", "fashion-mnist", "imagefolder") and arg else []
+
+
+# options that change how a run is done, not what it produces: a resumed run may change them
+NOT_DEFINING = ("progress", "workers", "force")
 
 
 def options_dict(opts) -> dict:
     """The options that define a run's result (a resumed run must have the same)."""
-    return {k: v for k, v in asdict(opts).items() if k != "progress"}
+    return {k: v for k, v in asdict(opts).items() if k not in NOT_DEFINING}
+
+
+def data_options(opts):
+    """The data.DataOptions of a TrainOptions / DistillOptions."""
+    from ..data.options import data_options as of
+
+    return of(opts)
+
+
+def load_data(spec: str, seed: int, options, torch_data=None):
+    """The dataset of a run: ``torch_data`` (the Python API's api.TorchData) or the spec read with
+    ``options`` (data.DataOptions)."""
+    if torch_data is not None:
+        return torch_data.dataset(seed)
+    from ..data import load_dataset
+
+    return load_dataset(spec, seed=seed, options=options)
 
 
 def model_meta(arch: str, data, data_spec: str, seed: int) -> dict:
+    """What a saved model records about itself and the data it was trained on: enough to rebuild
+    it and to read its test split again exactly as it saw it."""
     return {"arch": arch, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
             "dataset": data_spec, "seed": seed, "classes": data.classes,
-            "normalization": {"mean": data.mean, "std": data.std}, "edgekd_version": __version__}
+            "normalization": {"mean": data.mean, "std": data.std}, "data_options": data.options.record(),
+            "transform": data.transform, "edgekd_version": __version__}
 
 
 def epoch_line(what: str, r: dict) -> str:

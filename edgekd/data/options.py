@@ -1,0 +1,69 @@
+"""How a dataset is read: the options every data spec takes (normalization) and those of image
+folders (size, channels, augmentation, decoding workers, bad files).
+
+``DataOptions`` travels with a run: ``record()`` is what the run's and the bundle's metadata keep
+(``data_options``), so that ``export`` and ``quantize`` read the test split exactly as training
+did; ``workers`` is left out (it changes how fast, not what).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ..core.errors import ConfigError
+
+AUGMENTS = ("crop+flip", "flip", "none")
+FOLDER_ONLY = ("image_size", "channels", "skip_bad_images")  # meaningless for arrays held in memory
+
+
+@dataclass
+class DataOptions:
+    normalize: str = "auto"  # auto (train-split statistics) | imagenet | none | MEAN/STD
+    image_size: int | None = None  # folders: resize + centre crop to N x N (None: the images' own size)
+    channels: int | None = None  # folders: 1 or 3 (None: from the data)
+    augment: str | None = None  # crop+flip | flip | none (None: the dataset's default)
+    workers: int = 2  # folders: DataLoader worker processes decoding images
+    skip_bad_images: bool = False  # folders: skip and count unreadable images instead of stopping
+
+    def record(self) -> dict:
+        """What the run's metadata keeps (everything that decides the pixels the model sees)."""
+        return {k: v for k, v in asdict(self).items() if k != "workers"}
+
+    @classmethod
+    def from_record(cls, record, workers: int = 0) -> "DataOptions":
+        """The options a run recorded (``record()``); a run of an earlier version has none: defaults."""
+        if not isinstance(record, dict):
+            return cls(workers=workers)
+        known = {f.name for f in fields(cls)} - {"workers"}
+        return cls(**{k: v for k, v in record.items() if k in known}, workers=workers)
+
+    def folder_options(self):
+        """The image folder's own options (data.imagefolder.FolderOptions)."""
+        from .imagefolder import FolderOptions
+
+        return FolderOptions(image_size=self.image_size, channels=self.channels,
+                             augment=self.augment or "crop+flip", workers=self.workers,
+                             skip_bad_images=self.skip_bad_images)
+
+    def check_in_memory(self, spec: str) -> bool | None:
+        """For a dataset held in memory: refuse the folder-only options; the flips ``augment`` asks for
+        (None: the dataset's default)."""
+        for name in FOLDER_ONLY:
+            if getattr(self, name) not in (None, False):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} applies to image folders (--data imagefolder:DIR), not to {spec}",
+                                  f"leave out {flag}")
+        if self.augment == "crop+flip":
+            raise ConfigError(f"--augment crop+flip applies to image folders, not to {spec} (its images are "
+                              "already cropped)", "use --augment flip or --augment none")
+        return None if self.augment is None else self.augment == "flip"
+
+
+def data_options(opts) -> DataOptions:
+    """The DataOptions of a TrainOptions / DistillOptions (fields of the same names)."""
+    return DataOptions(**{f.name: getattr(opts, f.name) for f in fields(DataOptions) if hasattr(opts, f.name)})
+
+
+def check_augment(value) -> None:
+    if value is not None and value not in AUGMENTS:
+        raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got {value!r}")
