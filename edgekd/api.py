@@ -7,6 +7,14 @@
 
 They return values and raise edgekd.core.errors types; they never print or exit. ``log``
 callbacks receive one human-readable line at a time (the CLI sends them to stderr).
+
+Your own model and data, from a notebook: ``train``, ``distill`` and ``export`` take objects where
+the CLI takes specs (the run records them as ``python-api``; export needs them again)::
+
+    data = api.TorchData(train_set, test_set, classes=train_set.classes, mean=MEAN, std=STD)
+    m = api.distill(api.DistillOptions(weight_bits=4, act_bits=4), teacher=my_resnet, student=my_small_net,
+                    data=data)
+    api.export(m["run_dir"], "cpu", student=my_small_net, data=data)
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config.options import DEFAULT_TEACHER, DistillOptions, TrainOptions  # noqa: F401
+from .data.options import DataOptions  # noqa: F401
+from .data.torchdata import TorchData  # noqa: F401
 from .pipeline.common import Log, quiet
 from .pipeline.deploy import compile_bundle, export  # noqa: F401
 from .pipeline.distill import distill, find_run, list_layers, load_student  # noqa: F401

@@ -82,7 +82,7 @@ def _plain_name(name) -> bool:
 
 STRING_KEYS = ("target", "backend", "format", "model_file", "input_name")
 NUMBER_KEYS = ("torch_accuracy", "teacher_accuracy", "student_float_accuracy", "runtime_accuracy",
-               "distill_student_accuracy")  # each a number or null
+               "distill_student_accuracy", "runtime_accuracy_full", "torch_accuracy_full")  # each a number or null
 
 
 def _number(v) -> bool:
@@ -190,6 +190,14 @@ def batched_logits(runner, handle, x: np.ndarray, batch: int, fixed: bool) -> np
             chunk = np.resize(chunk, (batch,) + chunk.shape[1:])
         outputs.append(np.asarray(runner.run(handle, chunk))[:n])
     return np.concatenate(outputs)
+
+
+def accuracy_source(n: int, total) -> str:
+    """What an accuracy over a bundle's ``n`` eval samples stands for: a sample of the ``total`` test
+    images (``test_samples`` in the manifest; bundles of earlier versions lack it) or all of them."""
+    if isinstance(total, int) and not isinstance(total, bool) and total > n:
+        return f"eval sample ({n} of {total} test images)"
+    return f"test split ({n} images)"
 
 
 def parity(reference: np.ndarray, runtime: np.ndarray, labels: np.ndarray) -> dict:

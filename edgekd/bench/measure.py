@@ -14,9 +14,12 @@ Definitions used in every row:
   between order statistics) and std (population standard deviation) of those per-call times.
 - ``throughput_ips`` = batch size / mean latency in seconds: images per second of one stream of
   back-to-back calls (no concurrent requests).
-- ``accuracy``: top-1 accuracy through the runtime on all of eval.npz (0..1);
-  ``deploy_delta`` = accuracy - ``torch_accuracy`` (the fake-quant PyTorch accuracy from the
-  manifest): what deployment cost, after distillation and quantization cost their share.
+- ``accuracy``: top-1 accuracy through the runtime on all of eval.npz (0..1), which holds the
+  whole test split or a seeded, stratified sample of it (``accuracy_source`` says which, e.g.
+  "eval sample (2000 of 10000 test images)"); ``accuracy_full``: the runtime's accuracy on the whole
+  test split, measured at export (manifest ``runtime_accuracy_full``);
+  ``deploy_delta`` = accuracy - ``torch_accuracy`` (the fake-quant PyTorch accuracy on the same
+  samples, from the manifest): what deployment cost, after distillation and quantization cost their share.
 - ``size_mb``: size of the model file on disk, MB = 10**6 bytes.
 - ``peak_rss_mb``: the process's peak resident memory (``getrusage`` ru_maxrss) while the bundle
   was loaded, evaluated and timed, interpreter and eval data included. On Linux the kernel's
@@ -43,7 +46,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..backends import get_backend, get_runner, host_facts, release
-from ..bundle import Bundle, BundleError, batched_logits, check_labels, load_bundle, read_manifest
+from ..bundle import (Bundle, BundleError, accuracy_source, batched_logits, check_labels, load_bundle,
+                      read_manifest)
 from ..catalog import BenchSettings, Budgets, Profile
 from ..core.errors import EdgekdError
 from .budgets import apply_budgets
@@ -68,6 +72,8 @@ class Row:
     batch_size: int | None = None
     size_mb: float | None = None
     accuracy: float | None = None
+    accuracy_source: str | None = None  # "eval sample (N of M test images)" or "test split (N images)"
+    accuracy_full: float | None = None  # the whole test split through the runtime, at export
     torch_accuracy: float | None = None
     deploy_delta: float | None = None
     teacher_accuracy: float | None = None
@@ -246,6 +252,8 @@ def _base_row(bundle: Bundle, logits: np.ndarray, settings: BenchSettings, profi
     accuracy = top1_accuracy(logits, bundle.y)
     row = Row(bundle=bundle.name, path=str(bundle.path), **_manifest_fields(bundle.manifest),
               size_mb=bundle.model_path.stat().st_size / MB, accuracy=accuracy, eval_samples=len(bundle.y),
+              accuracy_source=accuracy_source(len(bundle.y), bundle.manifest.get("test_samples")),
+              accuracy_full=bundle.manifest.get("runtime_accuracy_full"),
               profile=profile, settings=dataclasses.asdict(settings))
     if row.torch_accuracy is not None:
         row.deploy_delta = accuracy - row.torch_accuracy
@@ -307,6 +315,8 @@ def _estimated_rows(bundle: Bundle, est: dict | None, settings: BenchSettings, p
     base = Row(bundle=bundle.name, path=str(bundle.path), source="estimated", **_manifest_fields(bundle.manifest),
                size_mb=bundle.model_path.stat().st_size / MB, accuracy=bundle.manifest.get("runtime_accuracy"),
                eval_samples=(bundle.manifest.get("parity") or {}).get("n"), profile=profile,
+               accuracy_source=accuracy_source(len(bundle.y), bundle.manifest.get("test_samples")),
+               accuracy_full=bundle.manifest.get("runtime_accuracy_full"),
                settings=dataclasses.asdict(settings), environment=host_facts())
     if base.torch_accuracy is not None and base.accuracy is not None:
         base.deploy_delta = base.accuracy - base.torch_accuracy

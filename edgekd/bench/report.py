@@ -140,7 +140,23 @@ def notes(rows: Sequence[Any]) -> list[str]:
             lines.append(f"{where}: fail: {over_budget(r)}")
     if any(r.get(k) is not None for r in rows for k in _PATH_KEYS):
         lines.append(ACCURACY_LEGEND)
+    lines.extend(sample_lines(rows))
     lines.extend(environment_lines(rows))
+    return lines
+
+
+def sample_lines(rows: list[dict]) -> list[str]:
+    """One line per bundle whose torch % and acc % are on a sample of the test split (its eval.npz),
+    with the whole split's accuracy through the runtime measured at export."""
+    seen, lines = set(), []
+    for r in rows:
+        source = r.get("accuracy_source") or ""
+        if not source.startswith("eval sample") or r.get("bundle") in seen:
+            continue
+        seen.add(r.get("bundle"))
+        full = r.get("accuracy_full")
+        lines.append(f"{r.get('bundle')}: torch % and acc % on its {source}; whole test split through the runtime "
+                     f"at export: {_percent(full) + '%' if full is not None else 'not measured'}")
     return lines
 
 

@@ -94,6 +94,7 @@ def _sweep_columns():
 
 @main.command("sweep")
 @c.data_opt
+@c.data_opts
 @click.option("--bits", default="8,4,2", show_default=True, help="Bit widths to sweep (weights and activations).")
 @click.option("--methods", default="hinton", show_default=True, help="Distillation methods to sweep (hinton, none).")
 @c.flag("target", help="Target name, alias or .toml file.")
@@ -114,7 +115,7 @@ def _sweep_columns():
               help="Plot accuracy vs p50 latency with the Pareto set (needs: pip install 'edgekd[plot]').")
 @c.quiet_opt
 def sweep_command(data, bits, methods, target, profile, teacher, student, epochs, float_epochs, teacher_epochs,
-                  seed, out, overwrite, json_path, markdown_path, plot_path, quiet):
+                  seed, out, overwrite, json_path, markdown_path, plot_path, quiet, **read):
     """Distill, export and bench each bit width (and method), then show the Pareto set.
 
     Finished stages of a cell (run dir, bundle, bench rows under the sweep root) are reused, so
@@ -132,7 +133,7 @@ def sweep_command(data, bits, methods, target, profile, teacher, student, epochs
     opts = SweepOptions(bits=_sweep_ints(bits, "--bits"), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                         data=data, target=target, student=student, teacher=teacher, epochs=epochs,
                         float_epochs=float_epochs, teacher_epochs=teacher_epochs, seed=seed, profile=profile,
-                        root=out, progress=not quiet, overwrite=overwrite)
+                        root=out, progress=not quiet, overwrite=overwrite, read=read)
     result = run_sweep(opts, log=c.logger(quiet))
     cols, footer = _sweep_columns(), summary(result)
     click.echo(report.render_table(result.rows, cols, footer), nl=False)

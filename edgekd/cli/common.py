@@ -118,6 +118,18 @@ seed_opt = flag("seed")
 quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines.")
 
 
+def data_opts(f):
+    """How the data is read (normalization for every dataset; image folders' size, channels,
+    augmentation, workers and bad files), shared by train, distill and sweep."""
+    for decorator in reversed([
+        flag("normalize"), flag("image_size"), flag("channels", type=click.Choice(["1", "3"]),
+                                                    callback=lambda ctx, p, v: None if v is None else int(v)),
+        flag("augment"), flag("workers"),
+        click.option("--skip-bad-images", is_flag=True, help=op.OPTIONS["skip_bad_images"].help)]):
+        f = decorator(f)
+    return f
+
+
 def training_opts(f):
     """--device, --amp, --resume and --tensorboard, shared by train and distill."""
     f = click.option("--tensorboard", is_flag=True,

@@ -13,6 +13,7 @@ from .app import main
 
 @main.command()
 @c.data_opt
+@c.data_opts
 @c.flag("arch")
 @c.flag("epochs", default=op.default("teacher_epochs"), help="Epochs.")
 @c.flag("lr")
@@ -22,13 +23,18 @@ from .app import main
 @c.overwrite_opt
 @c.training_opts
 @c.quiet_opt
-def train(data, arch, epochs, lr, batch_size, seed, out, overwrite, device, amp, resume, tensorboard, quiet):
-    """Train a float model to use as a teacher."""
+def train(data, arch, epochs, lr, batch_size, seed, out, overwrite, device, amp, resume, tensorboard, quiet, **read):
+    """Train a float model to use as a teacher.
+
+    \b
+    Start from a weights file with --arch ARCH=WEIGHTS, e.g.
+      edgekd train --data imagefolder:photos --arch torchvision:resnet18=resnet18.pth --normalize imagenet
+    """
     from ..api import TrainOptions, train as run_train
     from ..training.distributed import launched_rank
 
     opts = TrainOptions(data=data, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                        progress=not quiet, device=device, amp=amp)
+                        progress=not quiet, device=device, amp=amp, **read)
     metrics = run_train(opts, out=out, log=c.logger(quiet), resume=resume, overwrite=overwrite, tensorboard=tensorboard)
     if launched_rank() != 0:  # torchrun: rank 0 reports
         return
@@ -39,7 +45,7 @@ def train(data, arch, epochs, lr, batch_size, seed, out, overwrite, device, amp,
 def _distill_options(f):
     """The options of ``distill`` (all but the common ones), from the options table."""
     for decorator in reversed([
-        c.data_opt, c.flag("bits"), c.flag("weight_bits", default=None, show_default=False),
+        c.data_opt, c.data_opts, c.flag("bits"), c.flag("weight_bits", default=None, show_default=False),
         c.flag("act_bits", default=None, show_default=False),
         click.option("--teacher", multiple=True, help=op.OPTIONS["teacher"].help),
         click.option("--teacher-weight", "teacher_weights", multiple=True, type=float,
@@ -64,6 +70,8 @@ def _distill_options(f):
         click.option("--first-last-bits", default=str(op.default("first_last_bits")), show_default=True,
                      help=op.OPTIONS["first_last_bits"].help),
         c.seed_opt,
+        click.option("--force", is_flag=True, help=op.OPTIONS["force"].help + " Without it such a run stops "
+                     "before training, naming the likely causes (normalization, class order, image size)."),
         c.out_option("--out", help="Run directory (default runs/NAME)."), c.overwrite_opt, c.trust_code_opt,
         click.option("--list-layers", is_flag=True, help="Print the layer names feature terms can use, and exit."),
         c.training_opts, c.quiet_opt]):

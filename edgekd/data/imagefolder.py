@@ -139,7 +139,7 @@ class FolderSplit:
     def take(self, idx) -> np.ndarray:
         """The eval-transformed images at ``idx`` (a bad, skipped file gives zeros), float32 NCHW."""
         images = [self.load(int(i)) for i in idx]
-        shape = next((a.shape for a in images if a is not None), None)
+        shape = (self.transform.channels, *self.transform.size)
         return np.stack([a if a is not None else np.zeros(shape, np.float32) for a in images])
 
     @property
@@ -232,6 +232,9 @@ def channel_stats(split: FolderSplit, samples: int = 2000, seed: int = 0) -> tup
             continue
         a = a.astype(np.float64)
         total, sq, count = total + a.sum(axis=(1, 2)), sq + (a ** 2).sum(axis=(1, 2)), count + a[0].size
+    if not count:
+        raise ConfigError(f"none of the {len(idx)} training images sampled for the normalization could be read",
+                          "check the image files, or pass --normalize MEAN/STD")
     mean = total / count
     std = np.sqrt(np.maximum(sq / count - mean ** 2, 0.0))
     return [round(float(m), 6) for m in mean], [round(float(max(s, 1e-6)), 6) for s in std]
@@ -258,6 +261,10 @@ def load_imagefolder(root: Path, seed: int, options: FolderOptions, normalize: s
     else:
         keep, held = split_indices(split.y, val_fraction, seed + 1)
         split, val = split.subset(keep), split.subset(held)
+    for name, part in (("training", split), ("validation", val), ("test", test)):
+        if not len(part):
+            raise ConfigError(f"image folder {root}: the {name} split is empty ({len(y)} images in train/)",
+                              "add images (a held-out split takes a share of every class), or add val/ and test/")
     channels, size = probe(split.files, options)
     plain = Transform(size, channels, [0.0] * channels, [1.0] * channels, options.image_size)
     split.transform = plain

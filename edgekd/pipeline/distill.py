@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import json
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..config import options as op
 from ..config.options import DEFAULT_TEACHER, DistillOptions
 from ..core.errors import CheckpointError, EdgekdError, IncompatibleError, MissingFileError
 from ..core.fsutil import RUN_FORMAT, RUNS_DIR, atomic_dir, check_output, check_partial, latest, write_json, write_text
-from .common import Log, data_inputs, dataset_name, join_group, model_meta, options_dict, quiet, slug
+from .common import (Log, data_inputs, data_options, dataset_name, join_group, load_data, model_meta, options_dict,
+                     quiet, slug)
+from .inputs import Objects, as_objects, export_model, make_student
 from .teachers import load_teacher_file, resolve_teachers, teacher_specs
 
 
 def distill(opts: DistillOptions, out: Path | None = None, log: Log = quiet, resume: bool = False,
-            overwrite: bool = False, trust_code: bool = False, tensorboard: bool = False) -> dict:
+            overwrite: bool = False, trust_code: bool = False, tensorboard: bool = False, *,
+            teacher=None, student=None, data=None) -> dict:
     """Quantized distillation: KD from the teacher while training the student with Brevitas QAT.
 
     The scheme (training.schemes) decides who teaches whom; the objective (kd, from ``method`` or a
@@ -36,11 +39,18 @@ def distill(opts: DistillOptions, out: Path | None = None, log: Log = quiet, res
 
     The run dir gets ``metrics.csv`` and ``curves.png`` (training.curves); ``tensorboard`` also
     writes TensorBoard events as epochs finish (training.curves.tensorboard_dir).
+
+    The Python API may pass objects instead of specs: ``teacher`` (an nn.Module, or a list of them),
+    ``student`` (an nn.Module that traces with torch.fx; the run records it as python-api) and
+    ``data`` (an api.TorchData: torch datasets and their class names).
     """
+    objects = as_objects(data, student, teacher)
+    opts = objects.apply(opts)
     joined, loud = join_group(opts)
     try:
         with ExitStack() as held:
-            return _distill(opts, out, log if loud else quiet, resume, _Asks(overwrite, trust_code, held), tensorboard)
+            asks = _Asks(overwrite, trust_code, held, objects)
+            return _distill(opts, out, log if loud else quiet, resume, asks, tensorboard)
     finally:
         if joined:
             from ..training import distributed as dd
@@ -55,6 +65,7 @@ class _Asks:
     overwrite: bool = False
     trust_code: bool = False
     held: ExitStack | None = None
+    objects: Objects = field(default_factory=Objects)  # the Python API's modules and data
 
 
 @dataclass
@@ -70,13 +81,13 @@ class _Plan:
     float_model: object
     method: str
     out: Path
+    student: object = None  # inputs.Student: how students are made, what the run records
 
 
 def _plan(opts: DistillOptions, out: Path | None, log: Log, asks: _Asks, resume: bool = False) -> _Plan:
     """Check everything a typo or a bad combination can break, before any teacher trains: options,
     recipe, target and bits, the objective, the output path, the data, and that the student traces."""
     from .. import models, quant
-    from ..data import load_dataset
     from ..training import schemes
     from ..training.checkpoint import partial_dir
 
@@ -87,18 +98,21 @@ def _plan(opts: DistillOptions, out: Path | None, log: Log, asks: _Asks, resume:
     target, spec = quant_spec(opts, log)
     new_objective = objective_factory(opts)
     method = opts.method if not opts.loss else new_objective().name
-    name = slug(dataset_name(opts.data), opts.student, spec.label.lower(), method,
+    name = slug(dataset_name(opts.data), models.split_weights(opts.student)[0] or Path(opts.student).stem,
+                spec.label.lower(), method,
                 *([opts.scheme] if opts.scheme != "offline" else []))
     out = Path(out) if out else RUNS_DIR / name
     teacher_files = [models.split_weights(t)[1] for t in teacher_specs(opts.teacher) if t]
-    check_output(out, "run", [*data_inputs(opts.data), *teacher_files, opts.config], asks.overwrite)
+    student_file = models.split_weights(opts.student)[1] if asks.objects.student is None else None
+    check_output(out, "run", [*data_inputs(opts.data), *teacher_files, student_file, opts.config], asks.overwrite)
     check_partial(partial_dir(out), asks.overwrite, resume)
-    data = _limit(load_dataset(opts.data, seed=opts.seed), opts.train_limit)
+    data = _limit(load_data(opts.data, opts.seed, data_options(opts), asks.objects.data), opts.train_limit)
     if opts.flip is not None:
         data.flip_augment = opts.flip
-    float_model = models.build_model(opts.student, data.num_classes, data.input_shape)
-    quant.trace(float_model)  # an untraceable student fails in seconds, not after the teacher
-    return _Plan(replace(opts, order=order), order, target, spec, new_objective, data, float_model, method, out)
+    student = make_student(opts.student, data, asks.objects.student, log, asks.trust_code)
+    quant.trace(student.model)  # an untraceable student fails in seconds, not after the teacher
+    return _Plan(replace(opts, order=order), order, target, spec, new_objective, data, student.model, method, out,
+                 student)
 
 
 def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool, asks: _Asks,
@@ -119,20 +133,24 @@ def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool, ask
         asks.held.enter_context(write_lock(plan.out))
     board = _board(plan.out, tensorboard, log, asks.held)
     objective = plan.new_objective()
+    lines = list(plan.student.notes)  # log.txt: what was logged while planning, then the rest
+    logf = lambda s: (lines.append(s), log(s))  # noqa: E731
     teacher, teacher_acc, teacher_src = None, None, None
     if (objective.needs_teacher and opts.scheme != "dml") or opts.scheme == "assistant":
-        teacher, teacher_acc, teacher_src = resolve_teachers(opts, plan.data, log, asks.trust_code)
-    lines = []
-    logf = lambda s: (lines.append(s), log(s))  # noqa: E731
+        teacher, teacher_acc, teacher_src = resolve_teachers(opts, plan.data, logf, asks.trust_code,
+                                                             asks.objects.teachers)
     checkpoints = RunCheckpoints(partial_dir(plan.out), ckpt_opts, resume, logf)
     logf(f"method {plan.method} ({', '.join(f'{w:g} x {n}' for n, w, _ in objective.terms)}), scheme {opts.scheme}, "
          f"order {plan.order}" + (f", {dd.world()} processes (global batch {opts.batch_size})" if dd.world() > 1 else ""))
     run = schemes.Run(opts=opts, data=plan.data, spec=plan.spec, new_objective=plan.new_objective,
                       teacher=teacher, log=logf, checkpoints=checkpoints,
-                      history=History(board.epoch if board is not None else None))
+                      history=History(board.epoch if board is not None else None), new_student=plan.student.factory)
     result = schemes.SCHEMES.get(opts.scheme)(run)
     student_acc = accuracy(result.student, plan.data.test, sharded=True)
     logf(f"{plan.spec.label} student test accuracy (fake-quant, PyTorch) {student_acc:.4f}")
+    if plan.data.bad_images():
+        logf(f"skipped {len(plan.data.bad_images())} unreadable images (--skip-bad-images), e.g. "
+             f"{plan.data.bad_images()[0]}")
     metrics = _metrics(plan, run, result, objective, teacher_acc, teacher_src, student_acc)
     if dd.is_main():
         _write_run(plan, result, metrics, lines, logf)
@@ -153,6 +171,8 @@ def _metrics(plan: _Plan, run, result, objective, teacher_acc, teacher_src, stud
             "target": plan.target.name, "scheme": opts.scheme, "order": plan.order,
             "loss": (run.objectives or [objective])[-1].describe(), "teacher": teacher_src,
             "teacher_cache": bool(run.cache_used) and all(run.cache_used), "processes": dd.world(),
+            "student_arch": plan.student.arch, "student_weights": plan.student.weights,
+            "new_head": plan.student.new_head, "bad_images": len(plan.data.bad_images()),
             "seconds": result.seconds, "history": run.history}
 
 
@@ -176,8 +196,8 @@ def _write_run(plan: _Plan, result, metrics: dict, lines: list[str], log: Log = 
     from ..training.curves import write_curves
 
     opts, spec = plan.opts, plan.spec
-    meta = model_meta(opts.student, plan.data, opts.data, opts.seed) | {"quant": spec.to_dict(),
-                                                                        "target": plan.target.name}
+    meta = model_meta(plan.student.arch, plan.data, opts.data, opts.seed) | {
+        "quant": spec.to_dict(), "target": plan.target.name, "init_weights": plan.student.weights}
     recipe = asdict(opts) | {"float_epochs": result.float_epochs, "qat_lr": result.qat_lr,
                              "target": plan.target.name, "order": plan.order, "loss": metrics["loss"]}
     recipe.pop("progress")
@@ -278,10 +298,10 @@ def list_layers(opts: DistillOptions, trust_code: bool = False) -> dict:
     from ..kd.features import layer_table
 
     opts = with_recipe(opts, trust_code)
-    data = load_dataset(opts.data, seed=opts.seed)
+    data = load_data(opts.data, opts.seed, data_options(opts))
     _, spec = quant_spec(opts, quiet)
     x = torch.from_numpy(data.train.x[:2])
-    student = models.build_model(opts.student, data.num_classes, data.input_shape)
+    student = make_student(opts.student, data, trust_code=trust_code).model
     qnames = {r["name"] for r in layer_table(quant.quantize(student, spec), x)}
     rows = [r for r in layer_table(student, x) if r["name"] in qnames]
     first = teacher_specs(opts.teacher)[0]
@@ -298,11 +318,12 @@ def list_layers(opts: DistillOptions, trust_code: bool = False) -> dict:
 STUDENT_META = ("arch", "num_classes", "input_shape", "dataset", "seed", "classes", "normalization", "quant")
 
 
-def load_student(run_dir: Path, student: str | None = None, trust_code: bool = False):
+def load_student(run_dir: Path, student=None, trust_code: bool = False):
     """Rebuild the quantized student of a run directory, with its trained weights and scales.
 
-    ``student``: the architecture named again on the command line (trusted); otherwise the one the
-    checkpoint names, which may be code (``module:callable``) only with ``trust_code``."""
+    ``student``: the architecture named again on the command line (trusted; an ``=WEIGHTS`` part is
+    ignored), or the nn.Module the Python API distilled (a run recorded as python-api); otherwise the
+    one the checkpoint names, which may be code (``module:callable``) only with ``trust_code``."""
     from .. import models, quant
 
     ckpt_path = Path(run_dir) / "student.pt"
@@ -317,9 +338,7 @@ def load_student(run_dir: Path, student: str | None = None, trust_code: bool = F
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt_path} is damaged: metadata 'quant' is not a quantization spec ({e})",
                               "use the file edgekd wrote") from None
-    if student is None:
-        models.check_trusted(meta["arch"], str(ckpt_path), f"export {run_dir} --student {meta['arch']}", trust_code)
-    float_model = models.build_model(student or meta["arch"], meta["num_classes"], tuple(meta["input_shape"]))
+    float_model = export_model(student, meta, ckpt_path, run_dir, trust_code)
     qmodel = quant.quantize(float_model, qspec)
     quant.materialize(qmodel, meta["input_shape"])
     models.load_weights(qmodel, ckpt["state_dict"], str(ckpt_path))

@@ -53,8 +53,8 @@ def quantize(source: str | Path, opts: QuantizeOptions, out: Path | None = None,
     import torch
 
     from .. import models
-    from ..data import load_dataset
     from ..quant.ptq import post_training_quantize
+    from .evalset import read_test_split
     from ..training import accuracy, as_tensors, set_threads
 
     set_threads()
@@ -62,7 +62,7 @@ def quantize(source: str | Path, opts: QuantizeOptions, out: Path | None = None,
     op.check("first_last_bits", opts.first_last_bits)
     path = float_source(source)
     model, meta = models.load_model(path)
-    data = load_dataset(meta["dataset"], seed=meta["seed"])
+    data = read_test_split(meta)  # as the float model saw it (its recorded data options and normalization)
     target, spec = quant_spec(_as_distill(opts), log)
     float_acc = accuracy(model, data.test)
     x, _ = as_tensors(data.train)

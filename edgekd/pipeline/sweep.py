@@ -25,7 +25,8 @@ from ..core.fsutil import RUNS_DIR, SWEEP_FORMAT, check_output, write_json
 from .common import Log, dataset_name, quiet, slug
 
 # Options that decide what a cell's training produces: a resumed sweep must not mix them.
-RECIPE_KEYS = ("data", "target", "student", "teacher", "epochs", "float_epochs", "teacher_epochs", "seed")
+RECIPE_KEYS = ("data", "target", "student", "teacher", "epochs", "float_epochs", "teacher_epochs", "seed",
+               "data_options")
 RUNNABLE = ("ok", "fail")  # bench statuses that carry measurements
 STATUSES = ("ok", "fail", "error", "skipped")
 
@@ -56,12 +57,17 @@ class SweepOptions:
     root: Path | None = None
     progress: bool = False
     overwrite: bool = False  # the root may replace a folder edgekd did not write (never other runs)
+    read: dict = field(default_factory=dict)  # data.DataOptions fields (normalize, image_size, ...) given
 
     def cells(self) -> list[Cell]:
         return [Cell(b, m) for m in self.methods for b in self.bits]
 
     def recipe(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k in RECIPE_KEYS}
+        from ..data.options import DataOptions
+
+        record = DataOptions(**self.read).record()
+        return {k: v for k, v in asdict(self).items() if k in RECIPE_KEYS} | {
+            "data_options": record if record != DataOptions().record() else None}
 
 
 @dataclass
@@ -119,7 +125,7 @@ def _distill(cell: Cell, opts: SweepOptions, run_dir: Path, log: Log) -> dict:
     dopts = DistillOptions(data=opts.data, teacher=opts.teacher, student=opts.student, weight_bits=cell.bits,
                                act_bits=cell.bits, target=opts.target, method=cell.method, epochs=opts.epochs,
                                float_epochs=opts.float_epochs, teacher_epochs=opts.teacher_epochs, seed=opts.seed,
-                               progress=opts.progress)
+                               progress=opts.progress, **opts.read)
     log(f"{cell.name}: distilling into {run_dir}")
     return distill(dopts, out=run_dir, log=lambda s: log(f"{cell.name}: {s}"))
 
@@ -131,7 +137,10 @@ def _export(cell: Cell, opts: SweepOptions, run_dir: Path, bundle: Path, log: Lo
         log(f"{cell.name}: reusing bundle {bundle}")
         return
     log(f"{cell.name}: exporting for {opts.target} into {bundle}")
-    export(run_dir, opts.target, out=bundle, log=lambda s: log(f"{cell.name}: {s}"), student=opts.student)
+    from ..models import split_weights
+
+    export(run_dir, opts.target, out=bundle, log=lambda s: log(f"{cell.name}: {s}"),
+           student=split_weights(opts.student)[0])
 
 
 def _bench(cell: Cell, bundle: Path, file: Path, settings, budgets, profile: str | None, log: Log) -> list[dict]:

@@ -4,12 +4,16 @@ from a checkpoint file or an architecture trained once and cached under runs/tea
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 from ..config.options import DEFAULT_TEACHER, TrainOptions
 from ..core.errors import CheckpointError, IncompatibleError, MissingFileError
 from ..core.fsutil import RUNS_DIR, TEACHER_FORMAT, atomic_dir, check_output, check_partial, write_json
-from .common import Log, data_inputs, dataset_name, epoch_line, join_group, model_meta, options_dict, quiet, slug
+from .common import (Log, data_inputs, data_options, dataset_name, epoch_line, join_group, load_data, model_meta,
+                     options_dict, quiet, slug)
+
+PYTHON_API = "python-api"  # what a run records as its dataset or model when the Python API gave them as objects
 
 # Bumped whenever a built-in architecture changes in a way its weights' shapes do not show
 # (e.g. a stride), so that an old cached teacher is never reused with the wrong semantics.
@@ -17,39 +21,43 @@ TEACHER_CACHE_VERSION = "v2"
 
 
 def train(opts: TrainOptions, out: Path | None = None, log: Log = quiet, resume: bool | str = False,
-          overwrite: bool = False, tensorboard: bool = False) -> dict:
+          overwrite: bool = False, tensorboard: bool = False, data=None) -> dict:
     """Train a float model (a teacher) and save it as an edgekd checkpoint; returns its metrics.
 
     ``resume``: True continues an interrupted run (training.checkpoint), "auto" does so when its
     checkpoints match these options. Under torchrun every rank trains (DDP), rank 0 writes.
     ``out`` obeys the output-path rule (core.fsutil.check_output; ``overwrite``) and is locked
     while it is written. The teacher dir gets ``metrics.csv`` and ``curves.png``; ``tensorboard``
-    also writes TensorBoard events as epochs finish (training.curves)."""
+    also writes TensorBoard events as epochs finish (training.curves). ``data``: an api.TorchData
+    (torch Datasets and their class names) to train on instead of ``opts.data`` (recorded as python-api)."""
+    from .. import models
     from ..config import options as op
     from ..core.locks import write_lock
     from ..training import distributed as dd
     from ..training.checkpoint import partial_dir
 
+    if data is not None:
+        opts = replace(opts, data=PYTHON_API)
     op.validate(opts)
-    out = Path(out) if out else teacher_dir(opts.data, opts.arch, opts.seed, opts.epochs)
-    check_output(out, "teacher", data_inputs(opts.data), overwrite)
+    out = Path(out) if out else teacher_dir(opts.data, opts.arch, opts.seed, opts.epochs, data_options(opts))
+    check_output(out, "teacher", [*data_inputs(opts.data), models.split_weights(opts.arch)[1]], overwrite)
     check_partial(partial_dir(out), overwrite, resume is True)
     joined, loud = join_group(opts)
     try:
         with ExitStack() as held:
             if dd.is_main():
                 held.enter_context(write_lock(out, "teacher"))
-            return _train(opts, out, log if loud else quiet, resume, tensorboard)
+            return _train(opts, out, log if loud else quiet, resume, tensorboard, data)
     finally:
         if joined:
             dd.shutdown()
 
 
-def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str, tensorboard: bool = False) -> dict:
+def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str, tensorboard: bool = False,
+           torch_data=None) -> dict:
     from .. import models
     from ..training import loop as tr
     from ..training.evaluate import accuracy
-    from ..data import load_dataset
     from ..kd import make_loss
     from ..training import distributed as dd
     from ..training.checkpoint import RunCheckpoints, partial_dir
@@ -58,10 +66,11 @@ def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str, t
     import torch
 
     tr.set_threads()
-    data = load_dataset(opts.data, seed=opts.seed)
+    data = load_data(opts.data, opts.seed, data_options(opts), torch_data)
     torch.manual_seed(opts.seed)  # the initial weights depend on the seed alone, not on the process
-    model = models.build_model(opts.arch, data.num_classes, data.input_shape)
-    out = Path(out) if out else teacher_dir(opts.data, opts.arch, opts.seed, opts.epochs)
+    built = models.from_spec(opts.arch, data.num_classes, data.input_shape, student=True, log=log, role="arch")
+    model = built.model
+    out = Path(out) if out else teacher_dir(opts.data, opts.arch, opts.seed, opts.epochs, data_options(opts))
     ckpts = RunCheckpoints(partial_dir(out), options_dict(opts), resume, log)
     log(f"training {opts.arch} ({models.count_params(model):,} parameters) on {opts.data} for {opts.epochs} epochs"
         + (f" on {dd.world()} processes" if dd.world() > 1 else ""))
@@ -78,8 +87,10 @@ def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str, t
             board.close()
     metrics = {"accuracy": accuracy(model, data.test, sharded=True), "val_accuracy": result.best_val_accuracy,
                "best_epoch": result.best_epoch, "seconds": result.seconds, "history": result.history,
-               "params": models.count_params(model), "processes": dd.world(), **options_dict(opts)}
-    meta = model_meta(opts.arch, data, opts.data, opts.seed) | {"accuracy": metrics["accuracy"]}
+               "params": models.count_params(model), "processes": dd.world(), **options_dict(opts),
+               "bad_images": len(data.bad_images()), "init_weights": built.weights}
+    meta = model_meta(built.arch, data, opts.data, opts.seed) | {"accuracy": metrics["accuracy"],
+                                                                 "init_weights": built.weights}
     if dd.is_main():
         with atomic_dir(out) as tmp:
             models.save_checkpoint(tmp / "model.pt", model.state_dict(), meta)
@@ -90,9 +101,22 @@ def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str, t
     return metrics | {"path": str(out / "model.pt")}
 
 
-def teacher_dir(data: str, arch: str, seed: int, epochs: int) -> Path:
-    """Where ``train`` keeps a teacher by default, and where ``distill`` looks for one to reuse."""
-    return RUNS_DIR / "teachers" / slug(TEACHER_CACHE_VERSION, dataset_name(data), arch, f"s{seed}", f"e{epochs}")
+def teacher_dir(data: str, arch: str, seed: int, epochs: int, options=None) -> Path:
+    """Where ``train`` keeps a teacher by default, and where ``distill`` looks for one to reuse.
+    ``options`` (data.DataOptions): read otherwise than by default, or from an image folder, the data
+    gets a key of its own (a hash of the spec and the options that decide the pixels)."""
+    import hashlib
+    import json
+
+    from ..data.options import DataOptions
+
+    record = (options or DataOptions()).record()
+    parts = [TEACHER_CACHE_VERSION, dataset_name(data), arch.replace("=", "-from-"), f"s{seed}", f"e{epochs}"]
+    if record != DataOptions().record() or data.startswith("imagefolder:"):
+        where = str(Path(data.partition(":")[2]).resolve()) if data.startswith("imagefolder:") else data
+        key = json.dumps([where, record], sort_keys=True)
+        parts.append(hashlib.sha256(key.encode()).hexdigest()[:8])
+    return RUNS_DIR / "teachers" / slug(*parts)
 
 
 def resolve_teacher(spec: str | None, data, opts, log: Log, trust_code: bool = False):
@@ -105,9 +129,14 @@ def resolve_teacher(spec: str | None, data, opts, log: Log, trust_code: bool = F
         model, meta = load_teacher_file(spec, data, trust_code)
         return model, meta.get("accuracy"), file
     arch = arch or DEFAULT_TEACHER
+    if data.name == PYTHON_API:
+        raise IncompatibleError(f"no teacher given for data from the Python API (edgekd would train a {arch} on it, "
+                                "but it caches teachers only for data specs)",
+                                "pass teacher= (an nn.Module or ARCH=WEIGHTS), or train one first with api.train")
+    dopts = data_options(opts)
     topts = TrainOptions(data=opts.data, arch=arch, epochs=opts.teacher_epochs, seed=opts.seed, progress=opts.progress,
-                         device=opts.device, amp=opts.amp)
-    path = teacher_dir(opts.data, arch, opts.seed, opts.teacher_epochs) / "model.pt"
+                         device=opts.device, amp=opts.amp, **vars(dopts))
+    path = teacher_dir(opts.data, arch, opts.seed, opts.teacher_epochs, dopts) / "model.pt"
     if path.is_file():
         log(f"reusing teacher {path}")
     else:
@@ -133,31 +162,60 @@ def load_teacher_file(spec: str, data, trust_code: bool = False):
     if not Path(file).is_file():
         raise MissingFileError(f"teacher checkpoint not found: {file}",
                                "check the path, or train one with 'edgekd train'")
-    if arch is not None:
-        model = models.build_model(arch, data.num_classes, data.input_shape)
-        ckpt = models.load_checkpoint(file)
-        models.load_weights(model, ckpt["state_dict"], file)
-        return model, ckpt["meta"]
+    if arch is not None:  # the architecture named here; the file's own metadata (if any) is not trusted for it
+        return models.from_spec(spec, data.num_classes, data.input_shape, student=False).model, {}
     model, meta = models.load_model(file, expect_classes=data.num_classes, trust_code=trust_code)
     check_same_input(meta, data, file)
     return model, meta
 
 
-def resolve_teachers(opts, data, log: Log, trust_code: bool = False):
-    """One teacher, or several averaged into a training.schemes.Ensemble (``teacher_weights``, ``teacher_mix``)."""
+def resolve_teachers(opts, data, log: Log, trust_code: bool = False, modules=None):
+    """One teacher, or several averaged into a training.schemes.Ensemble (``teacher_weights``, ``teacher_mix``).
+    ``modules``: teachers given as nn.Modules (the Python API), used instead of ``opts.teacher``.
+
+    Every teacher loaded from a file or given as a module is measured on the test split before any
+    training; one near chance stops the run (``check_teacher``) unless ``opts.force``."""
     from ..training import accuracy
     from ..training.schemes import Ensemble
 
-    found = [resolve_teacher(spec, data, opts, log, trust_code) for spec in teacher_specs(opts.teacher)]
+    if modules:
+        found = [(m.eval(), None, "python-api") for m in modules]
+    else:
+        found = [resolve_teacher(spec, data, opts, log, trust_code) for spec in teacher_specs(opts.teacher)]
+    measured = []
     for model, acc, src in found:
-        log(f"teacher {src}: test accuracy {acc if acc is not None else accuracy(model, data.test):.4f}")
-    if len(found) == 1 and not opts.teacher_weights:
-        model, acc, src = found[0]
-        return model, acc if acc is not None else accuracy(model, data.test), src
-    model = Ensemble([m for m, _, _ in found], opts.teacher_weights, opts.teacher_mix).eval()
+        acc = acc if acc is not None else accuracy(model, data.test)
+        log(f"teacher {src}: test accuracy {acc:.4f}")
+        check_teacher(acc, data, src, getattr(opts, "force", False), log)
+        measured.append((model, acc, src))
+    if len(measured) == 1 and not opts.teacher_weights:
+        return measured[0]
+    model = Ensemble([m for m, _, _ in measured], opts.teacher_weights, opts.teacher_mix).eval()
     acc = accuracy(model, data.test)
-    log(f"teacher ensemble of {len(found)} ({opts.teacher_mix} averaged): test accuracy {acc:.4f}")
-    return model, acc, "+".join(src for _, _, src in found)
+    log(f"teacher ensemble of {len(measured)} ({opts.teacher_mix} averaged): test accuracy {acc:.4f}")
+    return model, acc, "+".join(src for _, _, src in measured)
+
+
+NEAR_CHANCE = 1.5  # a teacher below NEAR_CHANCE / num_classes test accuracy teaches nothing
+
+
+def check_teacher(acc: float, data, source: str, force: bool = False, log: Log = quiet) -> None:
+    """Stop when the teacher's test accuracy is near chance: what it would teach is noise, and the
+    cause is almost always how the data reaches it (``force``: warn and go on)."""
+    chance = 1.0 / data.num_classes
+    if acc >= NEAR_CHANCE * chance:
+        return
+    message = (f"teacher {source}: test accuracy {acc:.2%} is near chance ({data.num_classes} classes: "
+               f"{chance:.2%})")
+    if force:
+        log(f"warning: {message}; distilling anyway (--force)")
+        return
+    shown = ", ".join(data.classes[:4]) + (", ..." if data.num_classes > 4 else "")
+    size = "x".join(str(d) for d in data.input_shape[1:])
+    raise IncompatibleError(message, f"likely causes: the normalization (now mean {data.mean}, std {data.std}; "
+                            "--normalize imagenet for torchvision/timm weights, or --normalize MEAN/STD as trained), the "
+                            f"class order (the teacher's outputs must follow the data's: {shown}), or the image size "
+                            f"(now {size}; --image-size as trained); --force distills anyway")
 
 
 def teacher_specs(teacher) -> list[str | None]:

@@ -113,6 +113,7 @@ class Run:
     cache_used: list = field(default_factory=list)
     objectives: list = field(default_factory=list)  # every objective trained (layers resolved)
     checkpoints: object = None  # checkpoint.RunCheckpoints: one phase file per fit, in order
+    new_student: Callable[[], nn.Module] | None = None  # a fresh float student (None: build opts.student)
 
     def phase(self, label: str):
         """The checkpoint of the next training phase (None without checkpointing)."""
@@ -265,6 +266,8 @@ def _build_student(run: Run, seed_offset: int = 0) -> nn.Module:
     from .. import models
 
     torch.manual_seed(run.opts.seed + seed_offset)
+    if run.new_student is not None:  # weights files, modules from the Python API (pipeline.inputs)
+        return run.new_student()
     return models.build_model(run.opts.student, run.data.num_classes, run.data.input_shape)
 
 
