@@ -131,6 +131,36 @@ BENCH_STRICT = ["bench", "b", "--strict", *FAST_BENCH]
 ROW = "b: error:"
 
 
+# --- your own model and data (issue #12) ----------------------------------------------------------------------
+
+def tree(change=None, **kwargs):
+    """A 3-class PNG tree t/ (tests.own_models.write_tree), then ``change(t)``."""
+    def setup(tmp: Path) -> None:
+        from tests.own_models import write_tree
+
+        write_tree(tmp / "t", **kwargs)
+        if change:
+            change(tmp / "t")
+    return setup
+
+
+def own_weights(name: str, classes: int = 3, zero: bool = False):
+    """tests.own_models' tiny_net (or zero_net) saved as a plain state_dict, as a training script would."""
+    def setup(tmp: Path) -> None:
+        from tests.own_models import tiny_net, zero_net
+
+        torch.save((zero_net if zero else tiny_net)(classes, 1).state_dict(), tmp / name)
+    return setup
+
+
+def _corrupt_png(t: Path) -> None:
+    (t / "train" / "bee" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 10)
+
+
+MINE = "tests.own_models:tiny_net"
+FOLDER = ["distill", "--data", "imagefolder:t", "--workers", "0"]
+
+
 def case(name, setup, argv, fragments, code=2, prefix="error:", absent=(), seconds=60):
     return (name, setup, argv, fragments, {"code": code, "prefix": prefix, "absent": absent, "seconds": seconds})
 
@@ -219,6 +249,40 @@ CASES = [
     case("distill-act-bits-0", None, ["distill", "--act-bits", "0"], ["--act-bits must be between 2 and 8, got 0"]),
     case("distill-truncated-cached-teacher", truncated_cached_teacher, ["distill", "-q"], [cached_teacher_dir(), "delete"],
          absent=["pass a complete"]),
+    # --- your own model and data (issue #12) ---------------------------------------------------------------------
+    case("imagefolder-not-found", None, ["distill", "--data", "imagefolder:nowhere"], ["nowhere", "not found"]),
+    case("imagefolder-no-folder", None, ["distill", "--data", "imagefolder"], ["imagefolder", "needs a folder"]),
+    case("imagefolder-no-train", directory("t"), FOLDER, ["no train/ folder", "DIR/train/<class>/"]),
+    case("imagefolder-mismatched-classes", tree(lambda t: (t / "test" / "bee").rename(t / "test" / "dog")), FOLDER,
+         ["missing bee", "extra dog", "same class folders"]),
+    case("imagefolder-empty-class", tree(lambda t: (t / "train" / "dog").mkdir()), FOLDER,
+         ["train/dog holds no images"]),
+    case("imagefolder-corrupt-image", tree(_corrupt_png), FOLDER, ["cannot read image", "3.png", "--skip-bad-images"]),
+    case("imagefolder-mixed-sizes", tree(sizes=[10, 14]), FOLDER, ["2 different sizes", "--image-size N"]),
+    case("normalize-unknown", None, ["distill", "--normalize", "zscore"], ["--normalize", "zscore", "MEAN/STD"]),
+    case("normalize-wrong-channel-count", None, ["distill", "--normalize", "0.5,0.5/1,1"],
+         ["2 means and 2 stds for 1-channel"]),
+    case("normalize-zero-std", None, ["train", "--normalize", "0.5/0"], ["--normalize 0.5/0", "> 0"]),
+    case("image-size-on-digits", None, ["distill", "--image-size", "32"], ["--image-size applies to image folders"]),
+    case("augment-crop-on-digits", None, ["distill", "--augment", "crop+flip"], ["crop+flip", "--augment flip"]),
+    case("channels-2", None, ["distill", "--channels", "2"], ["--channels", "2"]),
+    case("workers-negative", None, ["distill", "--workers", "-1"], ["--workers", "-1"]),
+    case("arch-equals-nothing", None, ["distill", "--teacher", "torchvision:resnet18="], ["needs both"]),
+    case("teacher-weights-not-found", None, ["distill", "--teacher", "torchvision:resnet18=nope.pth"],
+         ["nope.pth", "not found"]),
+    case("student-weights-not-found", None, ["distill", "--student", "cnn-student=nope.pt"], ["nope.pt", "not found"]),
+    case("teacher-weights-other-class-count", both(tree(), own_weights("five.pt", classes=5)),
+         [*FOLDER, "--teacher", f"{MINE}=five.pt"], ["five.pt", "(5, 32) in the file, (3, 32) in the model",
+                                                     "the class count"]),
+    case("teacher-weights-other-architecture", both(tree(), own_weights("mine.pt")),
+         [*FOLDER, "--teacher", "torchvision:resnet18=mine.pt"], ["mine.pt", "does not fit", "unexpected keys"]),
+    case("train-arch-weights-other-architecture", both(tree(), own_weights("mine.pt")),
+         ["train", "--data", "imagefolder:t", "--workers", "0", "--arch", "cnn-student=mine.pt", "--out", "o"],
+         ["mine.pt", "does not fit"]),
+    case("teacher-near-chance", both(tree(), own_weights("zero.pt", zero=True)),
+         [*FOLDER, "--teacher", f"{MINE}=zero.pt", "--student", MINE],
+         ["teacher zero.pt", "near chance", "normalization", "class order", "image size", "--force"]),
+    case("export-eval-samples-0", None, ["export", "--eval-samples", "0"], ["--eval-samples", "0"]),
 ]
 
 

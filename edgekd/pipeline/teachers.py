@@ -185,7 +185,7 @@ def resolve_teachers(opts, data, log: Log, trust_code: bool = False, modules=Non
     measured = []
     for model, acc, src in found:
         acc = acc if acc is not None else accuracy(model, data.test)
-        log(f"teacher {src}: test accuracy {acc:.4f}")
+        log(f"info: teacher {src}: test accuracy {acc:.4f} (measured before training)")
         check_teacher(acc, data, src, getattr(opts, "force", False), log)
         measured.append((model, acc, src))
     if len(measured) == 1 and not opts.teacher_weights:
