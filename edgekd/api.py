@@ -26,7 +26,8 @@ from .data.options import DataOptions  # noqa: F401
 from .data.torchdata import TorchData  # noqa: F401
 from .pipeline.common import Log, quiet
 from .pipeline.deploy import compile_bundle, export  # noqa: F401
-from .pipeline.distill import distill, find_run, list_layers, load_student  # noqa: F401
+from .pipeline.distill import distill, find_run, list_layers, load_float, load_student  # noqa: F401
+from .pipeline.quantize import QuantizeOptions, quantize  # noqa: F401
 from .pipeline.sweep import SweepOptions, run_sweep  # noqa: F401
 from .pipeline.teachers import teacher_dir, train  # noqa: F401
 

@@ -99,10 +99,29 @@ def test_teacher_cache_matches_live_teacher(tiny, teacher):
         assert torch.allclose(logits, teacher(x[idx]), atol=2e-2, rtol=1e-2)
 
 
-def test_teacher_cache_off_with_random_flips(tiny, teacher):
+def test_teacher_cache_holds_both_orientations_under_random_flips(tiny, teacher):
+    """Random flips no longer turn the cache off: the mirrored images' outputs are cached too, and a
+    flipped sample gets the teacher's output on the flipped image."""
     lines = []
-    assert tr.teacher_cache(teacher, torch.from_numpy(tiny.train.x), flip=True, log=lines.append) is None
-    assert "teacher cache off" in lines[0] and "flip" in lines[0]
+    x = torch.from_numpy(tiny.train.x)
+    cache = tr.teacher_cache(teacher, x, flip=True, layers=["3.relu"], log=lines.append)
+    assert cache is not None and "both orientations" in lines[0]
+    idx, flipped = torch.tensor([3, 0, 9, 12]), torch.tensor([True, False, True, False])
+    logits, feats = cache.get(idx, flipped)
+    seen = x[idx].clone()
+    seen[flipped] = seen[flipped].flip(-1)
+    with torch.no_grad():
+        assert torch.allclose(logits, teacher(seen), atol=2e-2, rtol=1e-2)
+        want = features.FeatureHooks(teacher, ["3.relu"], "teacher")
+        teacher(seen)
+        assert torch.allclose(feats["3.relu"], want.take()["3.relu"], atol=2e-2, rtol=1e-2)
+        want.remove()
+
+
+def test_random_crops_turn_the_cache_off(tiny, teacher):
+    lines = []
+    assert tr.teacher_cache(teacher, torch.from_numpy(tiny.train.x), flip=True, log=lines.append, crop=True) is None
+    assert "teacher cache off" in lines[0] and "crops" in lines[0]
 
 
 def test_cached_and_live_training_agree(tiny, teacher, qstudent):

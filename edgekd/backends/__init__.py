@@ -102,6 +102,7 @@ class Backend:
     extra: str = ""  # the edgekd extra that installs it
     purpose: str = ""  # completes "... needs the 'package' package"
     estimated: bool = False  # bench reports an estimate from the manifest instead of timing
+    float_ok: bool = False  # runs a float (fp32) model too: ``export --float``, the reference bundle
     opset_min: int = 13
 
     def runner(self) -> Runner:

@@ -310,6 +310,7 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
     title = "ONNX Runtime"
+    float_ok = True
     flavours = ("qdq", "qcdq")
     package, extra, purpose = "onnxruntime", "device", "running an ONNX Runtime bundle"
     options = {

@@ -121,3 +121,38 @@ def _print_layers(opts, trust_code: bool = False) -> None:
         click.echo(f"{role} layers:")
         for r in rows:
             click.echo(f"  {r['name']:<24} {r['type']:<20} {tuple(r['shape'])}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path), metavar="RUN|MODEL")
+@c.flag("bits")
+@c.flag("weight_bits", default=None, show_default=False)
+@c.flag("act_bits", default=None, show_default=False)
+@c.flag("target")
+@click.option("--first-last-bits", default=str(op.default("first_last_bits")), show_default=True,
+              help=op.OPTIONS["first_last_bits"].help)
+@c.flag("calib_samples")
+@click.option("--no-bias-correction", is_flag=True, help="Skip Brevitas's bias correction after calibration.")
+@c.seed_opt
+@c.out_option("--out", help="Run directory (default runs/DATA-ARCH-WxAy-ptq).")
+@c.overwrite_opt
+@c.trust_code_opt
+@c.quiet_opt
+def quantize(source, bits, weight_bits, act_bits, target, first_last_bits, calib_samples, no_bias_correction, seed,
+             out, overwrite, trust_code, quiet):
+    """Post-training quantization: a trained float model -> a quantized run that export takes.
+
+    RUN|MODEL: a distill run (its float student, float.pt), a directory written by 'edgekd train',
+    or an edgekd checkpoint file. Activation ranges are calibrated on training images and biases
+    corrected (Brevitas); nothing is trained. The baseline QAT and distillation are measured against.
+    """
+    from ..pipeline.quantize import QuantizeOptions, quantize as run_quantize
+
+    w, a = c.bits(bits, weight_bits, act_bits)
+    opts = QuantizeOptions(weight_bits=w, act_bits=a, target=target, first_last_bits=c.first_last_bits(first_last_bits),
+                           calib_samples=calib_samples, bias_correction=not no_bias_correction, seed=seed,
+                           trust_code=trust_code)
+    m = run_quantize(source, opts, out=out, log=c.logger(quiet), overwrite=overwrite)
+    click.echo(f"run: {m['run_dir']}  W{m['weight_bits']}A{m['act_bits']} PTQ accuracy {m['student_accuracy']:.4f} "
+               f"(fake-quant, PyTorch, test split)  float {m['student_float_accuracy']:.4f}  "
+               f"{m['calib_samples']} calibration images  {m['seconds']:.0f}s")

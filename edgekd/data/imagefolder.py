@@ -40,7 +40,8 @@ class FolderOptions:
 
 @dataclass
 class Transform:
-    """Decode + resize/crop (+ random crop and flip for training) + normalize, as numpy float32 CHW."""
+    """Decode + resize/crop (+ a random resized crop for training) + normalize, as numpy float32 CHW.
+    Random flips are drawn by the batch source (training.batches), which needs to know them."""
 
     size: tuple[int, int]  # (H, W) of the output
     channels: int
@@ -63,8 +64,6 @@ class Transform:
                                   "pass --image-size N to resize every image")
             a = np.asarray(im, dtype=np.float32) / 255.0
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-        if rng is not None and self.augment in ("crop+flip", "flip") and rng.random() < 0.5:
-            a = a[:, :, ::-1]
         mean = np.asarray(self.mean, np.float32)[:, None, None]
         std = np.asarray(self.std, np.float32)[:, None, None]
         return np.ascontiguousarray((a - mean) / std)
@@ -112,14 +111,22 @@ class FolderSplit:
     bad: set = field(default_factory=set)  # files that failed to decode (with skip_bad)
 
     lazy = True
+    workers: int = 0  # DataLoader worker processes that decode this split
 
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def crops(self) -> bool:
+        """Training takes random crops (the teacher's inputs are not known in advance)."""
+        return self.train_transform is not None and self.train_transform.augment == "crop+flip"
+
     def subset(self, idx) -> "FolderSplit":
         idx = np.asarray(idx)
-        return FolderSplit([self.files[i] for i in idx], self.y[idx], self.transform, self.train_transform,
+        part = FolderSplit([self.files[i] for i in idx], self.y[idx], self.transform, self.train_transform,
                            self.skip_bad, self.bad)
+        part.workers = self.workers
+        return part
 
     def load(self, i: int, rng: np.random.Generator | None = None) -> np.ndarray | None:
         """Sample ``i`` through the eval transform (``rng``: the training one); None for a bad file
@@ -272,7 +279,7 @@ def load_imagefolder(root: Path, seed: int, options: FolderOptions, normalize: s
     eval_t = Transform(size, channels, mean, std, options.image_size)
     train_t = Transform(size, channels, mean, std, options.image_size, options.augment)
     for s in (split, val, test):
-        s.transform, s.train_transform = eval_t, train_t
+        s.transform, s.train_transform, s.workers = eval_t, train_t, options.workers
     meta = {"input_shape": [channels, *size], "transform": eval_t.describe(), "augment": options.augment,
             "root": str(root), "files": {"train": len(split), "val": len(val), "test": len(test)}}
     return Dataset(f"imagefolder:{root}", split, val, test, classes, mean, std,

@@ -203,6 +203,10 @@ def _write_run(plan: _Plan, result, metrics: dict, lines: list[str], log: Log = 
     recipe.pop("progress")
     with atomic_dir(plan.out) as tmp:
         models.save_checkpoint(tmp / "student.pt", result.student.state_dict(), meta)
+        if result.float_student is not None:  # what `export --float` and `quantize` (PTQ) start from
+            float_meta = {k: v for k, v in meta.items() if k not in ("quant", "target")}
+            models.save_checkpoint(tmp / "float.pt", result.float_student.state_dict(),
+                                   float_meta | {"accuracy": result.float_accuracy})
         write_json(tmp / "recipe.json", recipe)
         write_json(tmp / "metrics.json", {"format": RUN_FORMAT} | metrics)
         write_curves(tmp, metrics["history"], log, "distill", title=f"{plan.out.name}: {plan.method}, {spec.label}")
@@ -244,9 +248,7 @@ def with_recipe(opts: DistillOptions, trust_code: bool = False) -> DistillOption
 def _limit(data, n: int | None):
     """The dataset with only its first ``n`` training samples (the split is already shuffled)."""
     if n:
-        from ..data import Split
-
-        data.train = Split(data.train.x[:n], data.train.y[:n])
+        data.train = data.train.subset(range(min(n, len(data.train))))
     return data
 
 
@@ -300,7 +302,7 @@ def list_layers(opts: DistillOptions, trust_code: bool = False) -> dict:
     opts = with_recipe(opts, trust_code)
     data = load_data(opts.data, opts.seed, data_options(opts))
     _, spec = quant_spec(opts, quiet)
-    x = torch.from_numpy(data.train.x[:2])
+    x = torch.from_numpy(data.train.take(range(2)))
     student = make_student(opts.student, data, trust_code=trust_code).model
     qnames = {r["name"] for r in layer_table(quant.quantize(student, spec), x)}
     rows = [r for r in layer_table(student, x) if r["name"] in qnames]
@@ -344,6 +346,20 @@ def load_student(run_dir: Path, student=None, trust_code: bool = False):
     models.load_weights(qmodel, ckpt["state_dict"], str(ckpt_path))
     qmodel.eval()
     return qmodel, meta
+
+
+def load_float(run_dir: Path, student: str | None = None, trust_code: bool = False):
+    """The float student of a run (``float.pt``: the model its QAT started from), in eval mode."""
+    from .. import models
+
+    path = Path(run_dir) / "float.pt"
+    if not path.is_file():
+        raise MissingFileError(f"{run_dir} holds no float student (float.pt)",
+                               "distill with a float phase (--float-epochs > 0, the default) to keep one")
+    model, meta = models.load_model(path, arch=student, trust_code=trust_code,
+                                    how=f"export {run_dir} --float --student ARCH")
+    models.check_meta(meta, path, STUDENT_META[:-1])
+    return model.eval(), meta
 
 
 def find_run(run_dir: str | Path | None) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import options as op
 from ..core.errors import MissingFileError
-from ..core.fsutil import RUNS_DIR, atomic_dir, write_json, write_text
+from ..core.fsutil import RUN_FORMAT, RUNS_DIR, atomic_dir, check_output, write_json, write_text
 from .common import Log, dataset_name, model_meta, quiet, slug
 from .distill import quant_spec
 
@@ -28,9 +28,10 @@ class QuantizeOptions:
     act_bits: int = op.default("act_bits")
     target: str = op.default("target")
     first_last_bits: int | str = op.default("first_last_bits")
-    calib_samples: int = 1024  # training images the activation ranges are calibrated on
+    calib_samples: int = op.default("calib_samples")  # training images the activation ranges are calibrated on
     bias_correction: bool = True
     seed: int = op.default("seed")
+    trust_code: bool = False  # a checkpoint whose architecture is module:callable may be rebuilt
 
 
 def float_source(source: str | Path) -> Path:
@@ -48,26 +49,31 @@ def float_source(source: str | Path) -> Path:
     return path
 
 
-def quantize(source: str | Path, opts: QuantizeOptions, out: Path | None = None, log: Log = quiet) -> dict:
+def quantize(source: str | Path, opts: QuantizeOptions, out: Path | None = None, log: Log = quiet,
+             overwrite: bool = False) -> dict:
     """Post-training quantization of the float model of ``source``; returns the run's metrics."""
     import torch
 
     from .. import models
     from ..quant.ptq import post_training_quantize
     from .evalset import read_test_split
-    from ..training import accuracy, as_tensors, set_threads
+    from ..training import accuracy, set_threads
 
     set_threads()
     op.check_bits(opts.weight_bits, opts.act_bits)
     op.check("first_last_bits", opts.first_last_bits)
+    op.check("seed", opts.seed)
+    op.check("calib_samples", opts.calib_samples)
     path = float_source(source)
-    model, meta = models.load_model(path)
-    data = read_test_split(meta)  # as the float model saw it (its recorded data options and normalization)
     target, spec = quant_spec(_as_distill(opts), log)
+    model, meta = models.load_model(path, trust_code=opts.trust_code)
+    out = Path(out) if out else RUNS_DIR / slug(dataset_name(meta["dataset"]), meta["arch"], spec.label.lower(), "ptq")
+    check_output(out, "run", [path.parent if path.name in FLOAT_FILES else path], overwrite)
+    data = read_test_split(meta)  # as the float model saw it (its recorded data options and normalization)
     float_acc = accuracy(model, data.test)
-    x, _ = as_tensors(data.train)
-    n = min(opts.calib_samples, len(x))
-    calib = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(opts.seed))[:n]]
+    n = min(opts.calib_samples, len(data.train))
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(opts.seed))[:n]
+    calib = torch.from_numpy(data.train.take(pick.numpy()))
     started = time.perf_counter()
     qmodel = post_training_quantize(model, spec, calib, bias_correction=opts.bias_correction)
     seconds = time.perf_counter() - started
@@ -75,7 +81,6 @@ def quantize(source: str | Path, opts: QuantizeOptions, out: Path | None = None,
     log(f"{spec.label} post-training quantization of {path} on {n} calibration images "
         f"({'with' if opts.bias_correction else 'without'} bias correction) in {seconds:.1f}s: test accuracy "
         f"{acc:.4f} (float {float_acc:.4f})")
-    out = Path(out) if out else RUNS_DIR / slug(dataset_name(meta["dataset"]), meta["arch"], spec.label.lower(), "ptq")
     metrics = {"teacher_accuracy": None, "student_accuracy": acc, "student_float_accuracy": float_acc,
                "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "method": "ptq", "epochs": 0,
                "float_epochs": 0, "dataset": meta["dataset"], "student": meta["arch"],
@@ -86,7 +91,7 @@ def quantize(source: str | Path, opts: QuantizeOptions, out: Path | None = None,
         models.save_checkpoint(tmp / "student.pt", qmodel.state_dict(),
                                full | {"quant": spec.to_dict(), "target": target.name})
         write_json(tmp / "recipe.json", {"method": "ptq", "source": str(path), **vars(opts)})
-        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "metrics.json", {"format": RUN_FORMAT} | metrics)
         write_text(tmp / "log.txt", f"ptq {spec.label} from {path}: test accuracy {acc:.4f}\n")
     return metrics | {"run_dir": str(out)}
 

@@ -41,6 +41,7 @@ def flip_rows(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torc
 class MemoryBatches:
     def __init__(self, split, batch_size: int, flip: bool):
         self.x, self.y = torch.from_numpy(split.x), torch.from_numpy(split.y)
+        self.source = self.x  # what the teacher cache is computed on
         self.batch_size, self.flip = batch_size, flip
         self.steps = math.ceil(len(self.y) / batch_size)
 
@@ -62,33 +63,39 @@ class MemoryBatches:
 
 
 class _Samples(torch.utils.data.Dataset):
-    """Sample i of a lazy split through its training transform, with a per-(seed, epoch, i) generator."""
+    """Sample i of a lazy split through its training transform (random crops) and a random flip, both
+    drawn from a generator seeded by (seed, epoch, i)."""
 
-    def __init__(self, split, seed: int, epoch: int, augment: bool):
-        self.split, self.seed, self.epoch, self.augment = split, seed, epoch, augment
+    def __init__(self, split, seed: int, epoch: int, flip: bool):
+        self.split, self.seed, self.epoch, self.flip = split, seed, epoch, flip
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
-        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.augment else None
-        image = self.split.load(i, rng)
-        return i, image, int(self.split.y[i])
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        image = self.split.load(i, rng if self.split.crops else None)
+        flipped = bool(self.flip and rng.random() < 0.5)
+        if image is not None and flipped:
+            image = np.ascontiguousarray(image[:, :, ::-1])
+        return i, image, int(self.split.y[i]), flipped
 
 
 def _collate(items):
-    """A batch of (index, image, label); images a bad file skipped (None) are dropped."""
+    """(a batch of (index, image, label, flipped), the indices of skipped bad files): images a bad file
+    skipped (None) are dropped, and their indices sent back, since a worker process cannot record them."""
     kept = [it for it in items if it[1] is not None]
+    bad = [it[0] for it in items if it[1] is None]
     if not kept:
-        return None
-    idx = torch.tensor([i for i, _, _ in kept])
-    return idx, torch.from_numpy(np.stack([im for _, im, _ in kept])), torch.tensor([y for _, _, y in kept])
+        return None, bad
+    return (torch.tensor([it[0] for it in kept]), torch.from_numpy(np.stack([it[1] for it in kept])),
+            torch.tensor([it[2] for it in kept]), torch.tensor([it[3] for it in kept])), bad
 
 
 class LoaderBatches:
     def __init__(self, split, batch_size: int, flip: bool, seed: int, workers: int):
-        self.split, self.batch_size, self.augment, self.seed = split, batch_size, flip, seed
-        self.workers = workers
+        self.split, self.batch_size, self.flip, self.seed = split, batch_size, flip, seed
+        self.source, self.workers = split, workers
         self.y = torch.from_numpy(split.y)
         self.steps = math.ceil(len(self.y) / batch_size)
 
@@ -104,11 +111,13 @@ class LoaderBatches:
             batch = order[step * self.batch_size: (step + 1) * self.batch_size]
             local = dd.shard(torch.arange(len(batch)))
             batches.append((batch[local].tolist(), len(local) * dd.world() / len(batch)))
-        loader = torch.utils.data.DataLoader(_Samples(self.split, self.seed, epoch, self.augment),
+        loader = torch.utils.data.DataLoader(_Samples(self.split, self.seed, epoch, self.flip),
                                              batch_sampler=[b for b, _ in batches], num_workers=self.workers,
                                              collate_fn=_collate, persistent_workers=False)
-        for (_, share), item in zip(batches, loader):
+        for (_, share), (item, bad) in zip(batches, loader):
+            for i in bad:  # recorded here, in the main process (data.imagefolder.FolderSplit.bad)
+                self.split.bad.add(self.split.files[i])
             if item is None:
                 continue
-            idx, xb, yb = item
-            yield idx, xb.to(device), yb.to(device), None, share
+            idx, xb, yb, flipped = item
+            yield idx, xb.to(device), yb.to(device), flipped, share

@@ -14,7 +14,6 @@ with the best validation accuracy is kept.
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
 from contextlib import ExitStack, nullcontext
@@ -32,7 +31,8 @@ from ..kd.teachers import Teachers
 from . import distributed as dd
 from .cache import TeacherCache, teacher_cache
 from .checkpoint import Interrupted, StopSignals
-from .evaluate import accuracy, as_tensors
+from .batches import batches_for
+from .evaluate import accuracy
 
 Log = Callable[[str], None]
 
@@ -116,16 +116,19 @@ class Phase:
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
-        self.x, self.y = as_tensors(self.data.train)
-        self.steps = math.ceil(len(self.x) / cfg.batch_size)
+        train = self.data.train
+        self.batches = batches_for(train, cfg.batch_size, cfg.flip, cfg.seed, getattr(train, "workers", 0))
+        self.steps = self.batches.steps
         for module in (self.model, *self.peers):
             module.to(self.device)
         if self.teacher is not None:
             self.teacher.eval().to(self.device)
         if getattr(self.loss_fn, "needs_setup", False):
-            self.loss_fn.setup(Probe(self.model, self.teacher, self.x[: min(len(self.x), 8)]))
+            self.loss_fn.setup(Probe(self.model, self.teacher, self.batches.head(8)))
         layers = getattr(self.loss_fn, "teacher_layers", ())
-        self.cache = teacher_cache(self.teacher, self.x, cfg.flip, layers, cfg.log) if cache in (None, True) else cache
+        crop = getattr(train, "crops", False)  # random crops: the teacher's inputs are not known in advance
+        self.cache = teacher_cache(self.teacher, self.batches.source, cfg.flip, layers, cfg.log, crop) \
+            if cache in (None, True) else cache
         if isinstance(self.loss_fn, nn.Module):
             self.loss_fn.to(self.device)
         saved = self.checkpoint.load() if self.checkpoint is not None else None
@@ -193,14 +196,14 @@ class Phase:
         for module in (self.model, *self.peers):
             module.train()
         if st.order is None:
-            st.order = torch.randperm(len(self.x), generator=self.gen)
+            st.order = torch.randperm(len(self.batches), generator=self.gen)
         bar = tqdm(total=self.steps, initial=st.step, desc=f"{cfg.desc} {epoch}/{cfg.epochs}", leave=False,
                    disable=not cfg.progress or not sys.stderr.isatty() or not dd.is_main(), dynamic_ncols=True)
         schedule = getattr(self.loss_fn, "set_epoch", None)  # the objective's schedules (DKD's warm-up)
-        while st.step < self.steps:
+        for batch in self.batches.epoch(st.order, st.step, epoch, self.gen, self.device):
             if schedule is not None:
                 schedule(epoch - 1 + (st.step + 1) / self.steps, cfg.epochs)
-            self.train_step(epoch)
+            self.train_step(epoch, *batch)
             bar.set_postfix(loss=f"{st.sums[2] / st.sums[0]:.4f}", acc=f"{st.sums[1] / st.sums[0]:.3f}")
             bar.update()
             if self.signals.received:
@@ -211,16 +214,11 @@ class Phase:
                                   "run the same command with --resume to continue")
         bar.close()
 
-    def train_step(self, epoch: int) -> None:
-        """One optimizer step on the global batch ``state.step`` of the epoch's order; under torchrun
-        every rank draws the same global batch and takes its share."""
+    def train_step(self, epoch: int, idx, xb, yb, flipped, share: float) -> None:
+        """One optimizer step on this process's share of a global batch (training.batches): sample
+        indices, images and labels on the device, which images were flipped, the share of the batch."""
         st, cfg = self.state, self.cfg
-        batch = st.order[st.step * cfg.batch_size: (st.step + 1) * cfg.batch_size]
-        xb = augment(self.x[batch], self.gen) if cfg.flip else self.x[batch]
-        local = dd.shard(torch.arange(len(batch)))
-        idx, xb, yb = batch[local], xb[local].to(self.device), self.y[batch[local]].to(self.device)
-        share = len(idx) * dd.world() / len(batch)  # DDP averages: weight by this rank's share
-        t_logits, t_feats = self._teacher_outputs(idx, xb)
+        t_logits, t_feats = self._teacher_outputs(idx, xb, flipped)
         with self.amp:
             loss, weighted, logits, parts = self.train_module(xb, yb, t_logits, t_feats, share)
         self._check_loss(loss, f"epoch {epoch}, step {st.step + 1}/{self.steps} of '{cfg.desc}'", epoch)
@@ -234,10 +232,11 @@ class Phase:
         add_parts(st.sums, parts, len(yb))
         st.step += 1
 
-    def _teacher_outputs(self, idx: torch.Tensor, xb: torch.Tensor):
-        """The teacher's logits and features for a batch: from the cache, or by running it."""
+    def _teacher_outputs(self, idx: torch.Tensor, xb: torch.Tensor, flipped):
+        """The teacher's logits and features for a batch: from the cache (the mirrored entry for a
+        flipped image), or by running it."""
         if self.cache:
-            t_logits, t_feats = self.cache.get(idx)
+            t_logits, t_feats = self.cache.get(idx, flipped)
             return t_logits.to(xb.device), {k: v.to(xb.device) for k, v in t_feats.items()}
         if self.teacher is None:
             return None, {}
@@ -304,14 +303,6 @@ class Phase:
 
 
 # --- the pieces of a step ---------------------------------------------------------------------------
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips, each sample with probability 1/2 (drawn from ``gen``)."""
-    flip = torch.rand(len(x), generator=gen) < 0.5
-    x = x.clone()
-    x[flip] = x[flip].flip(-1)
-    return x
-
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weights only: not on biases, norms, or quantizer scales."""

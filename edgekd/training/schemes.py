@@ -136,6 +136,7 @@ class Outcome:
     seconds: float
     float_epochs: int
     qat_lr: float
+    float_student: nn.Module | None = None  # the float student QAT started from (a float phase ran)
 
 
 def resolve_order(order: str | None, float_epochs: int) -> str:
@@ -172,18 +173,20 @@ def prepare(run: Run, objective, student: nn.Module, teacher: nn.Module | None):
     it (for_distillation) and the teacher cache (shared by every phase of this student: same teacher,
     same training inputs), or False for none."""
     from ..kd.features import Probe
+    from .batches import batches_for
     from .cache import teacher_cache
-    from .evaluate import as_tensors
 
-    x, _ = as_tensors(run.data.train)
+    train = run.data.train
+    source = batches_for(train, run.opts.batch_size, run.data.flip_augment, run.opts.seed)
     if objective.needs_setup:
-        objective.setup(Probe(student, teacher, x[:8]))
+        objective.setup(Probe(student, teacher, source.head(8)))
     teacher = for_distillation(objective, teacher)
     if teacher is None or not run.opts.cache:
         if teacher is not None:
             run.log("teacher cache off: disabled by the cache option")
         return teacher, False
-    cache = teacher_cache(teacher, x, run.data.flip_augment, objective.teacher_layers, run.log)
+    cache = teacher_cache(teacher, source.source, run.data.flip_augment, objective.teacher_layers, run.log,
+                          crop=getattr(train, "crops", False))
     run.cache_used.append(cache is not None)
     return teacher, cache if cache is not None else False
 
@@ -249,7 +252,8 @@ def two_phase(run: Run, student: nn.Module, teacher: nn.Module | None, spec, *, 
     cfg = _fit_cfg(run, epochs, qat_lr, o.seed + 1, f"QAT {spec.label}{tag}", quantized=True)
     res = tr.fit(qmodel, run.data, cfg, objective, teacher, _epoch_logger(run, f"{spec.label}{tag}", "qat"),
                  peers=peers, cache=cache, checkpoint=run.phase(cfg.desc))
-    return Outcome(qmodel, float_acc, res.best_val_accuracy, seconds + res.seconds, float_epochs, qat_lr)
+    return Outcome(qmodel, float_acc, res.best_val_accuracy, seconds + res.seconds, float_epochs, qat_lr,
+                   student if float_epochs else None)
 
 
 def _copy_weights(src: nn.Module, dst: nn.Module) -> None:
@@ -365,16 +369,18 @@ def progressive(run: Run) -> Outcome:
     per = [max(1, o.epochs // len(stages))] * len(stages)
     per[-1] = max(1, o.epochs - sum(per[:-1]))
     student, teacher, prev, seconds, out, float_acc = _build_student(run), run.teacher, None, 0.0, None, None
+    float_student = None
     for i, ((w, a), epochs) in enumerate(zip(stages, per)):
         spec = replace(run.spec, weight_bits=w, act_bits=a)
         run.log(f"progressive stage {i + 1}/{len(stages)}: {spec.label}, {epochs} epochs")
         out = two_phase(run, student, teacher, spec, epochs=epochs, float_epochs=run.float_epochs if i == 0 else 0,
                         tag=f" stage {i + 1}", init_from=prev)
-        float_acc = out.float_accuracy if i == 0 else float_acc
+        float_acc, float_student = (out.float_accuracy, out.float_student) if i == 0 else (float_acc, float_student)
         seconds += out.seconds
         prev = out.student
         teacher = _frozen(_clone(out.student)) if run.new_objective().needs_teacher else None
-    return replace(out, seconds=seconds, float_accuracy=float_acc, float_epochs=run.float_epochs)
+    return replace(out, seconds=seconds, float_accuracy=float_acc, float_epochs=run.float_epochs,
+                   float_student=float_student)
 
 
 def _clone(model: nn.Module) -> nn.Module:
