@@ -174,19 +174,27 @@ def resolve_teachers(opts, data, log: Log, trust_code: bool = False, modules=Non
     ``modules``: teachers given as nn.Modules (the Python API), used instead of ``opts.teacher``.
 
     Every teacher loaded from a file or given as a module is measured on the test split before any
-    training; one near chance stops the run (``check_teacher``) unless ``opts.force``."""
+    training (whatever accuracy its file records: it may have seen other data or another
+    normalization); one near chance stops the run (``check_teacher``) unless ``opts.force``. A teacher
+    edgekd trained on this data (cached) keeps the accuracy it recorded."""
+    from .. import models
     from ..training import accuracy
     from ..training.schemes import Ensemble
 
     if modules:
-        found = [(m.eval(), None, "python-api") for m in modules]
+        found = [(m.eval(), None, "python-api", True) for m in modules]
     else:
-        found = [resolve_teacher(spec, data, opts, log, trust_code) for spec in teacher_specs(opts.teacher)]
+        found = [(*resolve_teacher(spec, data, opts, log, trust_code), bool(spec and models.split_weights(spec)[1]))
+                 for spec in teacher_specs(opts.teacher)]
     measured = []
-    for model, acc, src in found:
-        acc = acc if acc is not None else accuracy(model, data.test)
-        log(f"info: teacher {src}: test accuracy {acc:.4f} (measured before training)")
-        check_teacher(acc, data, src, getattr(opts, "force", False), log)
+    for model, acc, src, loaded in found:
+        if loaded:
+            acc = accuracy(model, data.test)
+            log(f"info: teacher {src}: test accuracy {acc:.4f} (measured before training)")
+            check_teacher(acc, data, src, getattr(opts, "force", False), log)
+        else:
+            acc = acc if acc is not None else accuracy(model, data.test)
+            log(f"teacher {src}: test accuracy {acc:.4f}")
         measured.append((model, acc, src))
     if len(measured) == 1 and not opts.teacher_weights:
         return measured[0]
