@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, fields
 
 from ..core.errors import ConfigError
 
-AUGMENTS = ("crop+flip", "flip", "none")
 FOLDER_ONLY = ("image_size", "channels", "skip_bad_images")  # meaningless for arrays held in memory
 
 
@@ -63,7 +62,3 @@ def data_options(opts) -> DataOptions:
     """The DataOptions of a TrainOptions / DistillOptions (fields of the same names)."""
     return DataOptions(**{f.name: getattr(opts, f.name) for f in fields(DataOptions) if hasattr(opts, f.name)})
 
-
-def check_augment(value) -> None:
-    if value is not None and value not in AUGMENTS:
-        raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got {value!r}")
