@@ -4,7 +4,8 @@ Specs: a built-in name (``cnn-teacher``, ``cnn-student``, ``resnet-student``, ``
 ``torchvision:NAME`` or ``timm:NAME`` (built with random weights; nothing is downloaded; timm is the
 extra ``edgekd[timm]``) or ``module:callable`` (``package.module:function``, called with the keyword
 arguments it accepts among ``num_classes`` and ``in_channels``). Any of them may carry a weights
-file, ``ARCH=WEIGHTS`` (models.weights.from_spec loads it). A spec that names code (``module:callable``) is built only when the caller
+file, ``ARCH=WEIGHTS`` (models.weights.from_spec loads it). A spec that names code
+(``module:callable``) is built only when the caller
 says it comes from the user (the command line or the Python API, ``trusted=True``): a spec read
 from a file (checkpoint metadata, recipe, manifest) may name only built-in and torchvision models.
 """

@@ -169,7 +169,8 @@ def _likely_cause(wrong, missing, unexpected, stem, head) -> str:
     if stem in names:
         got, want = next((g, w) for k, g, w in wrong if k == stem)
         if len(got) == 4 and got[1] != want[1]:
-            return f"likely cause: the input channels ({got[1]} in the file, {want[1]} in the data): pass --channels {got[1]}"
+            return (f"likely cause: the input channels ({got[1]} in the file, {want[1]} in the data): "
+                    f"pass --channels {got[1]}")
         return "likely cause: the stem (its kernel or width differs): check the architecture name"
     if missing and unexpected and len(missing) == len(unexpected):
         return "likely cause: the layer names differ: check the architecture (and prefixes such as 'backbone.')"

@@ -221,8 +221,8 @@ def check_teacher(acc: float, data, source: str, force: bool = False, log: Log =
     shown = ", ".join(data.classes[:4]) + (", ..." if data.num_classes > 4 else "")
     size = "x".join(str(d) for d in data.input_shape[1:])
     raise IncompatibleError(message, f"likely causes: the normalization (now mean {data.mean}, std {data.std}; "
-                            "--normalize imagenet for torchvision/timm weights, or --normalize MEAN/STD as trained), the "
-                            f"class order (the teacher's outputs must follow the data's: {shown}), or the image size "
+                            "--normalize imagenet for torchvision/timm weights, or --normalize MEAN/STD as trained), "
+                            f"the class order (the teacher's outputs must follow the data's: {shown}), or the image size "
                             f"(now {size}; --image-size as trained); --force distills anyway")
 
 
