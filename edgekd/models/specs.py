@@ -5,9 +5,9 @@ Specs: a built-in name (``cnn-teacher``, ``cnn-student``, ``resnet-student``, ``
 extra ``edgekd[timm]``) or ``module:callable`` (``package.module:function``, called with the keyword
 arguments it accepts among ``num_classes`` and ``in_channels``). Any of them may carry a weights
 file, ``ARCH=WEIGHTS`` (models.weights.from_spec loads it). A spec that names code
-(``module:callable``) is built only when the caller
-says it comes from the user (the command line or the Python API, ``trusted=True``): a spec read
-from a file (checkpoint metadata, recipe, manifest) may name only built-in and torchvision models.
+(``module:callable``) is built only when the caller says it comes from the user (the command line
+or the Python API, ``trusted=True``): a spec read from a file (checkpoint metadata, recipe,
+manifest) may name only built-in, torchvision and timm models.
 """
 
 from __future__ import annotations
