@@ -19,16 +19,22 @@ from .app import main
               help="The student's architecture, named again: needed when the run's student came from "
                    "module:callable (the checkpoint's name for it is not run without --student or --trust-code).")
 @c.trust_code_opt
+@click.option("--float", "float_model", is_flag=True,
+              help="Export the run's float student (float.pt) unquantized (fp32): the reference whose speed and "
+                   "accuracy a quantized bundle is compared with.")
+@c.flag("eval_samples")
 @c.quiet_opt
-def export(run_dir, target, out, overwrite, student, trust_code, quiet):
+def export(run_dir, target, out, overwrite, student, trust_code, float_model, eval_samples, quiet):
     """Export a distilled student for a target, compile it and check it against PyTorch."""
     from ..api import export as run_export
 
     m = run_export(run_dir, target, out=out, log=c.logger(quiet), overwrite=overwrite, student=student,
-                   trust_code=trust_code)
+                   trust_code=trust_code, float_model=float_model, eval_samples=eval_samples)
     p = m["parity"]
     fusion = m.get("fusion") or {}
     fused = f"  float compute nodes left: {fusion['float_compute']}" if "float_compute" in fusion else ""
+    if m.get("test_samples", 0) > p["n"]:
+        fused += f"  whole test split ({m['test_samples']} images): runtime accuracy {m['runtime_accuracy_full']:.4f}"
     click.echo(f"bundle: {m['bundle_dir']}  {m['format']} for {m['target']}  runtime accuracy "
                f"{m['runtime_accuracy']:.4f} (torch {m['torch_accuracy']:.4f})  parity: top-1 agreement "
                f"{p['top1_agreement']:.4f} on {p['n']} samples, max abs diff {p['max_abs_diff']:.3g}{fused}")

@@ -16,60 +16,99 @@ from pathlib import Path
 from .. import __version__
 from ..core.errors import EdgekdError, IncompatibleError
 from ..core.fsutil import BUNDLES_DIR, atomic_dir, check_output, write_json
+from ..config import options as op
 from .common import Log, quiet
-from .distill import find_run, load_student, read_metrics
+from .evalset import DEFAULT_EVAL_SAMPLES, eval_arrays, full_accuracy, read_test_split
+from .distill import find_run, load_float, load_student, read_metrics
 
 
 def export(run_dir: str | Path | None, target_name: str, out: Path | None = None, log: Log = quiet,
-           overwrite: bool = False, student: str | None = None, trust_code: bool = False) -> dict:
+           overwrite: bool = False, student: str | None = None, trust_code: bool = False,
+           float_model: bool = False, eval_samples: int = DEFAULT_EVAL_SAMPLES, data=None) -> dict:
     """Export, compile and validate a distilled student for a target; returns the manifest.
+
+    ``eval_samples``: the bundle's eval.npz holds a seeded, stratified sample of at most this many
+    test images (parity, on-device accuracy); the whole test split goes through the runtime once,
+    here (pipeline.evalset). ``data``: the api.TorchData of a run whose data came from the Python API.
 
     ``out`` (default bundles/RUN-TARGET) obeys the output-path rule (core.fsutil.check_output;
     ``overwrite``), checked before anything is loaded; a run being written (locked by distill) is
     refused. ``student``: the architecture named again (a student built by ``module:callable``),
-    or ``trust_code`` to build what the checkpoint names."""
-    import numpy as np
+    or ``trust_code`` to build what the checkpoint names. ``float_model``: export the run's float student
+    (``float.pt``) unquantized, flavour ``fp32``: the reference a quantized bundle is measured against."""
     import torch
 
     from .. import catalog
-    from ..backends import ExportContext, get_backend
-    from ..bundle import check_parity, file_hashes, parity
+    from ..backends import get_backend
+    from ..bundle import file_hashes
     from ..core.locks import check_unlocked
-    from ..export.onnx import export_onnx
 
     run_dir = find_run(run_dir)
     target = catalog.load_target(target_name)
     backend = get_backend(target.backend)
-    out = Path(out) if out else BUNDLES_DIR / f"{run_dir.name}-{target.name}"
+    if float_model and not backend.float_ok:
+        raise IncompatibleError(f"{backend.title} targets take quantized models only; --float exports an fp32 model",
+                                "export the fp32 reference for an ONNX Runtime target (e.g. --target cpu)")
+    out = Path(out) if out else BUNDLES_DIR / f"{run_dir.name}-{target.name}{'-fp32' if float_model else ''}"
     check_output(out, "bundle", [run_dir], overwrite)
     check_unlocked(run_dir)
     metrics = read_metrics(run_dir)
-    qmodel, meta = load_student(run_dir, student, trust_code)
+    model, meta = _model_to_export(run_dir, target, backend, float_model, student, trust_code)
+    op.check("eval_samples", eval_samples)
+    data = read_test_split(meta, data)
+    x, y = eval_arrays(data, eval_samples, meta["seed"])
+    with torch.no_grad():
+        reference = torch.cat([model(torch.from_numpy(x[i: i + 512])) for i in range(0, len(x), 512)]).numpy()
+    with atomic_dir(out) as tmp:
+        manifest = _build_bundle(tmp, out.name, model, "fp32" if float_model else target.flavour, target, backend,
+                                 (x, y, reference), data, log)
+        manifest = manifest_base(target, meta, metrics) | manifest | {
+            "run_dir": str(run_dir), "transform": meta.get("transform"), "data_options": meta.get("data_options"),
+            "init_weights": meta.get("init_weights"), "files": file_hashes(tmp)}
+        write_json(tmp / "manifest.json", manifest)
+    return manifest | {"bundle_dir": str(out)}
+
+
+def _model_to_export(run_dir: Path, target, backend, float_model: bool, student, trust_code: bool):
+    """The run's quantized student (or, ``float_model``, its float one) and its metadata, after the
+    backend has checked the run's quantizer conventions."""
+    if float_model:
+        return load_float(run_dir, student, trust_code)
+    model, meta = load_student(run_dir, student, trust_code)
     reason = backend.check_run(meta["quant"], target)
     if reason:
         raise IncompatibleError(f"{run_dir} was trained with conventions {target.name} does not run: {reason}",
                                 f"retrain it for this target: {retrain_command(run_dir, target.name)}")
-    x, y = _eval_data(meta)
-    with torch.no_grad():
-        reference = torch.cat([qmodel(torch.from_numpy(x[i: i + 512])) for i in range(0, len(x), 512)]).numpy()
-    with atomic_dir(out) as tmp:
-        started = time.perf_counter()
-        export_onnx(qmodel, target.flavour, torch.from_numpy(x[:1]), tmp / "model.onnx", target.opset)
-        ctx = ExportContext(tmp, out.name, target, reference, _profiles_listing(target), log)
-        compiled = backend.compile(tmp / "model.onnx", ctx)
-        log(f"exported {target.flavour} ONNX and compiled for {target.backend} in {time.perf_counter() - started:.1f}s")
-        report = parity(reference, backend.infer(compiled.artifact, x, target.options), y)
-        log(f"parity on {report['n']} test samples: top-1 agreement {report['top1_agreement']:.4f}, "
-            f"max abs diff {report['max_abs_diff']:.3g}")
-        check_parity(report, target.tolerance, f"the {target.name} artifact")
-        np.savez_compressed(tmp / "eval.npz", x=x, y=y)
-        manifest = manifest_base(target, meta, metrics) | _common_extras(target) | backend.manifest_extras(ctx) | {
-            "name": out.name, "model_file": compiled.artifact.name, "run_dir": str(run_dir),
-            "torch_accuracy": report["torch_accuracy"], "runtime_accuracy": report["runtime_accuracy"],
-            "parity": {k: report[k] for k in ("n", "top1_agreement", "max_abs_diff", "mean_abs_diff", "disagreements")},
-            "fusion": compiled.reports.get("fusion"), "files": file_hashes(tmp)}
-        write_json(tmp / "manifest.json", manifest)
-    return manifest | {"bundle_dir": str(out)}
+    return model, meta
+
+
+def _build_bundle(tmp: Path, name: str, model, flavour: str, target, backend, samples, data, log: Log) -> dict:
+    """Export ``model`` into the staging folder ``tmp``, compile it, check it against PyTorch on the
+    eval samples (x, y, reference logits), measure the whole test split; the manifest's fields."""
+    import numpy as np
+    import torch
+
+    from ..backends import ExportContext
+    from ..bundle import check_parity, parity
+    from ..export.onnx import export_onnx
+
+    x, y, reference = samples
+    started = time.perf_counter()
+    export_onnx(model, flavour, torch.from_numpy(x[:1]), tmp / "model.onnx", target.opset)
+    ctx = ExportContext(tmp, name, target, reference, _profiles_listing(target), log)
+    compiled = backend.compile(tmp / "model.onnx", ctx)
+    log(f"exported {flavour} ONNX and compiled for {target.backend} in {time.perf_counter() - started:.1f}s")
+    report = parity(reference, backend.infer(compiled.artifact, x, target.options), y)
+    log(f"parity on {report['n']} test samples: top-1 agreement {report['top1_agreement']:.4f}, "
+        f"max abs diff {report['max_abs_diff']:.3g}")
+    check_parity(report, target.tolerance, f"the {target.name} artifact")
+    full = full_accuracy(model, backend, compiled.artifact, target.options, data.test, report, log)
+    np.savez_compressed(tmp / "eval.npz", x=x, y=y)
+    return _common_extras(target) | backend.manifest_extras(ctx) | {
+        "name": name, "model_file": compiled.artifact.name,
+        "torch_accuracy": report["torch_accuracy"], "runtime_accuracy": report["runtime_accuracy"],
+        "parity": {k: report[k] for k in ("n", "top1_agreement", "max_abs_diff", "mean_abs_diff", "disagreements")},
+        "fusion": compiled.reports.get("fusion"), **full}
 
 
 def retrain_command(run_dir: Path, target: str) -> str:
@@ -83,17 +122,6 @@ def retrain_command(run_dir: Path, target: str) -> str:
         if isinstance(recipe.get(key), (str, int)) and not isinstance(recipe.get(key), bool):
             parts.append(f"--{key.replace('_', '-')} {recipe[key]}")
     return " ".join(parts + [f"--target {target}", f"--out {Path(run_dir).name}-{target}"])
-
-
-def _eval_data(meta: dict):
-    """The run's test split, preprocessed as at training time (its normalization must still hold)."""
-    from ..data import load_dataset
-
-    data = load_dataset(meta["dataset"], seed=meta["seed"])
-    if [data.mean, data.std] != [meta["normalization"]["mean"], meta["normalization"]["std"]]:
-        raise EdgekdError(f"the dataset {meta['dataset']} no longer matches the run's normalization",
-                          "export on the machine and data the student was distilled with")
-    return data.test.x, data.test.y
 
 
 def _profiles_listing(target) -> list:
@@ -110,10 +138,10 @@ def _common_extras(target) -> dict:
 
 
 def manifest_base(target, run_meta: dict, metrics: dict) -> dict:
-    spec = run_meta["quant"]
-    return {"name": "", "target": target.name, "backend": target.backend, "format": target.flavour,
-            "opset": target.opset, "weight_bits": spec["weight_bits"], "act_bits": spec["act_bits"],
-            "quant": spec, "student": run_meta["arch"], "dataset": run_meta["dataset"],
+    spec = run_meta.get("quant")  # None: the float student (flavour fp32)
+    return {"name": "", "target": target.name, "backend": target.backend, "format": target.flavour if spec else "fp32",
+            "opset": target.opset, "weight_bits": spec["weight_bits"] if spec else 32,
+            "act_bits": spec["act_bits"] if spec else 32, "quant": spec, "student": run_meta["arch"], "dataset": run_meta["dataset"],
             "input_shape": list(run_meta["input_shape"]), "input_name": "input", "classes": run_meta["classes"],
             "normalization": run_meta["normalization"], "torch_accuracy": None,
             "teacher_accuracy": metrics.get("teacher_accuracy"),

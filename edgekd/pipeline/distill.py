@@ -144,7 +144,8 @@ def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool, ask
          f"order {plan.order}" + (f", {dd.world()} processes (global batch {opts.batch_size})" if dd.world() > 1 else ""))
     run = schemes.Run(opts=opts, data=plan.data, spec=plan.spec, new_objective=plan.new_objective,
                       teacher=teacher, log=logf, checkpoints=checkpoints,
-                      history=History(board.epoch if board is not None else None), new_student=plan.student.factory)
+                      history=History(board.epoch if board is not None else None), new_student=plan.student.factory,
+                      pretrained=plan.student.weights is not None)
     result = schemes.SCHEMES.get(opts.scheme)(run)
     student_acc = accuracy(result.student, plan.data.test, sharded=True)
     logf(f"{plan.spec.label} student test accuracy (fake-quant, PyTorch) {student_acc:.4f}")
@@ -296,7 +297,6 @@ def list_layers(opts: DistillOptions, trust_code: bool = False) -> dict:
     import torch
 
     from .. import models, quant
-    from ..data import load_dataset
     from ..kd.features import layer_table
 
     opts = with_recipe(opts, trust_code)

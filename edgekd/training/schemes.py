@@ -114,6 +114,7 @@ class Run:
     objectives: list = field(default_factory=list)  # every objective trained (layers resolved)
     checkpoints: object = None  # checkpoint.RunCheckpoints: one phase file per fit, in order
     new_student: Callable[[], nn.Module] | None = None  # a fresh float student (None: build opts.student)
+    pretrained: bool = False  # the student starts from trained weights: QAT warm-starts without a float phase
 
     def phase(self, label: str):
         """The checkpoint of the next training phase (None without checkpointing)."""
@@ -245,15 +246,19 @@ def two_phase(run: Run, student: nn.Module, teacher: nn.Module | None, spec, *, 
                      peers=peers, cache=cache, checkpoint=run.phase(cfg.desc))
         float_acc, seconds = accuracy(student, run.data.test), seconds + res.seconds
         run.log(f"float student{tag} test accuracy {float_acc:.4f}")
+    elif run.pretrained and init_from is None:  # trained weights given: they are the float student
+        float_acc = accuracy(student, run.data.test)
+        run.log(f"float student{tag} (from its weights) test accuracy {float_acc:.4f}")
     qmodel = quant.quantize(student, spec)
     if init_from is not None:
         _copy_weights(init_from, qmodel)
-    qat_lr = o.qat_lr or (o.lr / 4 if float_epochs or init_from is not None else o.lr)
+    warm = float_epochs or init_from is not None or run.pretrained
+    qat_lr = o.qat_lr or (o.lr / 4 if warm else o.lr)
     cfg = _fit_cfg(run, epochs, qat_lr, o.seed + 1, f"QAT {spec.label}{tag}", quantized=True)
     res = tr.fit(qmodel, run.data, cfg, objective, teacher, _epoch_logger(run, f"{spec.label}{tag}", "qat"),
                  peers=peers, cache=cache, checkpoint=run.phase(cfg.desc))
     return Outcome(qmodel, float_acc, res.best_val_accuracy, seconds + res.seconds, float_epochs, qat_lr,
-                   student if float_epochs else None)
+                   student if float_epochs or (run.pretrained and init_from is None) else None)
 
 
 def _copy_weights(src: nn.Module, dst: nn.Module) -> None:
