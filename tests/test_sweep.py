@@ -232,3 +232,32 @@ def test_plot_with_pareto_line_and_wide_latency_range(tmp_path):
     path = report.plot(rows, tmp_path / "p.png", Budgets(latency_ms=5.0, min_accuracy=0.85), title="sweep",
                        front=rows)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- baselines and seeds (#13): ptq and the fp32 reference beside QAT, over seeds ----------------------
+
+def test_ptq_and_the_fp32_reference_beside_qat_over_two_seeds(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines: list[str] = []
+    opts = sweep.SweepOptions(root=tmp_path / "sw", bits=(8, 4), methods=("none", "ptq"), epochs=1, float_epochs=1,
+                              seeds=(0, 1), reference=True)
+    result = sweep.run_sweep(opts, log=lines.append, settings=FAST)
+    names = [r["cell"] for r in result.rows]
+    assert names == ["bits8-none-s0", "bits4-none-s0", "bits8-ptq-s0", "bits4-ptq-s0", "fp32-s0",
+                     "bits8-none-s1", "bits4-none-s1", "bits8-ptq-s1", "bits4-ptq-s1", "fp32-s1"]
+    assert all(r["status"] == "ok" for r in result.rows), [r.get("error") for r in result.rows]
+    by = {r["cell"]: r for r in result.rows}
+    # the float phase is trained once per (method, seed) and shared: the same float student everywhere
+    assert "bits4-none-s0: QAT starts from the float student of bits8-none-s0" in lines
+    float8 = json.loads((tmp_path / "sw" / "runs" / "bits8-none-s0" / "metrics.json").read_text())
+    float4 = json.loads((tmp_path / "sw" / "runs" / "bits4-none-s0" / "metrics.json").read_text())
+    assert float4["student_float_accuracy"] == pytest.approx(float8["student_float_accuracy"])
+    # ptq quantizes that float student; fp32 exports it unquantized
+    ptq = json.loads((tmp_path / "sw" / "runs" / "bits4-ptq-s0" / "metrics.json").read_text())
+    assert ptq["method"] == "ptq" and ptq["student_float_accuracy"] == pytest.approx(float8["student_float_accuracy"])
+    assert by["fp32-s0"]["format"] == "fp32" and by["fp32-s0"]["torch_accuracy"] == pytest.approx(
+        float8["student_float_accuracy"], abs=1e-6)
+    assert by["bits8-none-s1"]["seed"] == 1 and by["bits8-ptq-s1"]["method"] == "ptq"
+    lines = sweep.summary(result)
+    assert lines[0] == "accuracy over seeds (mean, min..max):" and any("W4A4 ptq" in line for line in lines)
+    assert any("W32A32 fp32" in line for line in lines)

@@ -96,7 +96,13 @@ def _sweep_columns():
 @c.data_opt
 @c.data_opts
 @click.option("--bits", default="8,4,2", show_default=True, help="Bit widths to sweep (weights and activations).")
-@click.option("--methods", default="hinton", show_default=True, help="Distillation methods to sweep (hinton, none).")
+@click.option("--methods", default="hinton", show_default=True,
+              help="Methods to sweep: KD methods (hinton, dkd, ...), none (QAT alone), ptq (post-training "
+                   "quantization of the first trained method's float student).")
+@click.option("--seeds", metavar="S,S,...", help="Seeds to repeat every cell with [default: --seed alone].")
+@click.option("--reference", is_flag=True, help="Add the float student as an fp32 bundle (the reference row).")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.toml",
+              help="A distill recipe applied to every trained cell.")
 @c.flag("target", help="Target name, alias or .toml file.")
 @click.option("--profile", metavar="NAME|FILE.toml", help="Device profile: bench settings and budgets.")
 @click.option("--teacher", help="Teacher checkpoint file or architecture [default: cnn-teacher].")
@@ -114,8 +120,9 @@ def _sweep_columns():
 @click.option("--plot", "plot_path", type=c.OutPath(), metavar="FILE.png",
               help="Plot accuracy vs p50 latency with the Pareto set (needs: pip install 'edgekd[plot]').")
 @c.quiet_opt
-def sweep_command(data, bits, methods, target, profile, teacher, student, epochs, float_epochs, teacher_epochs,
-                  seed, out, overwrite, json_path, markdown_path, plot_path, quiet, **read):
+def sweep_command(data, bits, methods, seeds, reference, config, target, profile, teacher, student, epochs,
+                  float_epochs, teacher_epochs, seed, out, overwrite, json_path, markdown_path, plot_path, quiet,
+                  **read):
     """Distill, export and bench each bit width (and method), then show the Pareto set.
 
     Finished stages of a cell (run dir, bundle, bench rows under the sweep root) are reused, so
@@ -133,6 +140,8 @@ def sweep_command(data, bits, methods, target, profile, teacher, student, epochs
     opts = SweepOptions(bits=_sweep_ints(bits, "--bits"), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                         data=data, target=target, student=student, teacher=teacher, epochs=epochs,
                         float_epochs=float_epochs, teacher_epochs=teacher_epochs, seed=seed, profile=profile,
+                        seeds=_sweep_ints(seeds, "--seeds") if seeds else None, reference=reference,
+                        config=str(config) if config else None,
                         root=out, progress=not quiet, overwrite=overwrite, read=read)
     result = run_sweep(opts, log=c.logger(quiet))
     cols, footer = _sweep_columns(), summary(result)

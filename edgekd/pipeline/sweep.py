@@ -1,7 +1,10 @@
-"""Sweep bit widths (and KD methods): distill, export and bench each cell, then pick.
+"""Sweep bit widths, methods and seeds: distill (or quantize after training), export and bench each
+cell, then pick.
 
-A *cell* is one (bits, method) pair on one dataset, student and target. Its artifacts live under
-the sweep root, so that a re-run resumes where the last one stopped:
+A *cell* is one (bits, method, seed) on one dataset, student and target (pipeline.cells): a KD
+method or ``none`` (QAT alone) trains a student; ``ptq`` quantizes the float student of the first
+trained method after training; ``reference`` adds that float student as an fp32 bundle. Its
+artifacts live under the sweep root, so that a re-run resumes where the last one stopped:
 
     ROOT/sweep.json                  the training options; a resume must use the same ones
     ROOT/runs/<cell>/                ``edgekd distill`` run dir   (done when metrics.json exists)
@@ -18,33 +21,23 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
+from ..config import options as op
 from ..core.errors import EdgekdError
 from ..core.fsutil import RUNS_DIR, SWEEP_FORMAT, check_output, write_json
+from .cells import BASELINES, Cell, cached_rows, cell_paths, run_cell, shares_float_phase  # noqa: F401
+from .choose import best_under_budget, dominates, pareto_front, spread  # noqa: F401
 from .common import Log, dataset_name, quiet, slug
 
 # Options that decide what a cell's training produces: a resumed sweep must not mix them.
 RECIPE_KEYS = ("data", "target", "student", "teacher", "epochs", "float_epochs", "teacher_epochs", "seed",
                "data_options")
-RUNNABLE = ("ok", "fail")  # bench statuses that carry measurements
-STATUSES = ("ok", "fail", "error", "skipped")
-
-
-@dataclass(frozen=True)
-class Cell:
-    bits: int
-    method: str = "hinton"
-
-    @property
-    def name(self) -> str:
-        return f"bits{self.bits}-{self.method}"
 
 
 @dataclass
 class SweepOptions:
     bits: tuple[int, ...] = (8, 4, 2)
-    methods: tuple[str, ...] = ("hinton",)
+    methods: tuple[str, ...] = ("hinton",)  # KD methods, none (QAT alone), ptq
     data: str = "digits"
     target: str = "onnxruntime-cpu"
     student: str = "cnn-student"
@@ -53,6 +46,9 @@ class SweepOptions:
     float_epochs: int = 8
     teacher_epochs: int = 20
     seed: int = 0
+    seeds: tuple[int, ...] | None = None  # several seeds (None: seed alone)
+    reference: bool = False  # an fp32 bundle of the float student, per seed
+    config: str | None = None  # a recipe applied to every trained cell
     profile: str | None = None
     root: Path | None = None
     progress: bool = False
@@ -60,14 +56,24 @@ class SweepOptions:
     read: dict = field(default_factory=dict)  # data.DataOptions fields (normalize, image_size, ...) given
 
     def cells(self) -> list[Cell]:
-        return [Cell(b, m) for m in self.methods for b in self.bits]
+        """Per seed: every trained method at every bit width, then ptq at every bit width, then the
+        fp32 reference (baselines take the float student of the seed's first trained method)."""
+        seeds = tuple(self.seeds or (self.seed,))
+        tagged, trained = len(seeds) > 1, [m for m in self.methods if m not in BASELINES]
+        out = []
+        for seed in seeds:
+            out += [Cell(b, m, seed, tagged) for m in trained for b in self.bits]
+            out += [Cell(b, "ptq", seed, tagged) for b in self.bits if "ptq" in self.methods]
+            out += [Cell(32, "fp32", seed, tagged)] if self.reference else []
+        return out
 
     def recipe(self) -> dict:
         from ..data.options import DataOptions
 
         record = DataOptions(**self.read).record()
         return {k: v for k, v in asdict(self).items() if k in RECIPE_KEYS} | {
-            "data_options": record if record != DataOptions().record() else None}
+            "data_options": record if record != DataOptions().record() else None,
+            "seeds": list(self.seeds) if self.seeds else None, "config": self.config}
 
 
 @dataclass
@@ -87,11 +93,6 @@ def default_root(opts: SweepOptions, target_name: str) -> Path:
     return RUNS_DIR / "sweeps" / slug(dataset_name(opts.data), opts.student, target_name)
 
 
-def cell_paths(root: Path, cell: Cell, profile: str | None) -> dict[str, Path]:
-    return {"run": root / "runs" / cell.name, "bundle": root / "bundles" / cell.name,
-            "bench": root / "bench" / (profile or "default") / f"{cell.name}.json"}
-
-
 def check_recipe(root: Path, recipe: dict) -> None:
     """Record the training options in ROOT/sweep.json, or refuse a resume that changes them."""
     file = root / "sweep.json"
@@ -101,151 +102,12 @@ def check_recipe(root: Path, recipe: dict) -> None:
         except (ValueError, UnicodeDecodeError, AttributeError):
             raise EdgekdError(f"{file} is damaged (not a JSON object with the sweep's options)",
                               "delete it to start the sweep root afresh, or use another --out") from None
-        diff = [f"{k} {old.get(k)!r} -> {recipe[k]!r}" for k in RECIPE_KEYS if old.get(k) != recipe[k]]
+        diff = [f"{k} {old.get(k)!r} -> {recipe[k]!r}" for k in recipe if old.get(k) != recipe[k]]
         if diff:
             raise EdgekdError(f"sweep root {root} was made with other options ({'; '.join(diff)})",
                               "use the same options to resume, or another --out")
         return
     write_json(file, {"format": SWEEP_FORMAT, "recipe": recipe})
-
-
-# --- one cell ----------------------------------------------------------------------------------------
-
-def _message(e: BaseException) -> str:
-    return e.one_line() if isinstance(e, EdgekdError) else f"{type(e).__name__}: {e}"
-
-
-def _distill(cell: Cell, opts: SweepOptions, run_dir: Path, log: Log) -> dict:
-    from ..config.options import DistillOptions
-    from .distill import distill
-
-    if (run_dir / "metrics.json").is_file():
-        log(f"{cell.name}: reusing run {run_dir}")
-        return json.loads((run_dir / "metrics.json").read_text())
-    dopts = DistillOptions(data=opts.data, teacher=opts.teacher, student=opts.student, weight_bits=cell.bits,
-                               act_bits=cell.bits, target=opts.target, method=cell.method, epochs=opts.epochs,
-                               float_epochs=opts.float_epochs, teacher_epochs=opts.teacher_epochs, seed=opts.seed,
-                               progress=opts.progress, **opts.read)
-    log(f"{cell.name}: distilling into {run_dir}")
-    return distill(dopts, out=run_dir, log=lambda s: log(f"{cell.name}: {s}"))
-
-
-def _export(cell: Cell, opts: SweepOptions, run_dir: Path, bundle: Path, log: Log) -> None:
-    from .deploy import export
-
-    if (bundle / "manifest.json").is_file():
-        log(f"{cell.name}: reusing bundle {bundle}")
-        return
-    log(f"{cell.name}: exporting for {opts.target} into {bundle}")
-    from ..models import split_weights
-
-    export(run_dir, opts.target, out=bundle, log=lambda s: log(f"{cell.name}: {s}"),
-           student=split_weights(opts.student)[0])
-
-
-def _bench(cell: Cell, bundle: Path, file: Path, settings, budgets, profile: str | None, log: Log) -> list[dict]:
-    from .. import bench
-
-    if file.is_file():
-        cached = cached_rows(file)
-        if cached is not None:
-            log(f"{cell.name}: reusing bench rows {file}")
-            return cached
-        log(f"{cell.name}: {file} does not hold bench rows; benchmarking again")
-    log(f"{cell.name}: benchmarking {bundle}")
-    rows = [r.to_dict() for r in bench.bench_bundle(bundle, settings, budgets, profile)]
-    if not any(r["status"] == "error" for r in rows):
-        write_json(file, rows)
-    return rows
-
-
-def _number(v, kinds=(int, float)) -> bool:
-    return v is None or (isinstance(v, kinds) and not isinstance(v, bool))
-
-
-def _valid_row(r) -> bool:
-    """A bench row as ``bench.Row.to_dict`` writes it (the fields the sweep reads, with their types)."""
-    latency = r.get("latency_ms") if isinstance(r, dict) else None
-    return (isinstance(r, dict) and isinstance(r.get("bundle"), str) and r.get("status") in STATUSES
-            and all(_number(r.get(k)) for k in ("accuracy", "size_mb", "throughput_ips", "torch_accuracy"))
-            and _number(r.get("batch_size"), int)
-            and (latency is None or (isinstance(latency, dict) and all(_number(v) for v in latency.values()))))
-
-
-def cached_rows(file: Path) -> list[dict] | None:
-    """The bench rows a sweep kept in ``file``, or None when it holds anything else."""
-    try:
-        rows = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return rows if isinstance(rows, list) and rows and all(_valid_row(r) for r in rows) else None
-
-
-def _error_row(cell: Cell, stage: str, e: BaseException, path: Path, metrics: dict | None) -> dict:
-    from ..bench import Row
-
-    m = metrics or {}
-    row = Row(bundle=cell.name, path=str(path), status="error", error=f"{stage}: {_message(e)}",
-              weight_bits=m.get("weight_bits", cell.bits), act_bits=m.get("act_bits", cell.bits),
-              torch_accuracy=m.get("student_accuracy"), teacher_accuracy=m.get("teacher_accuracy"),
-              student_float_accuracy=m.get("student_float_accuracy"))
-    return row.to_dict()
-
-
-def run_cell(cell: Cell, opts: SweepOptions, root: Path, settings, budgets, profile: str | None = None,
-             log: Log = quiet) -> list[dict]:
-    """Bench rows of one cell, each stage skipped when its artifact is on disk; a failing stage
-    gives one ``error`` row (``error`` = "<stage>: <message>") instead of raising. ``profile`` is
-    the resolved profile name (bench rows are kept per profile)."""
-    paths = cell_paths(root, cell, profile)
-    stage, metrics = "distill", None
-    try:
-        metrics = _distill(cell, opts, paths["run"], log)
-        stage = "export"
-        _export(cell, opts, paths["run"], paths["bundle"], log)
-        stage = "bench"
-        rows = _bench(cell, paths["bundle"], paths["bench"], settings, budgets, profile, log)
-    except Exception as e:  # one cell failing must not stop the sweep
-        log(f"{cell.name}: {stage} failed: {_message(e)}")
-        rows = [_error_row(cell, stage, e, paths["run" if stage == "distill" else "bundle"], metrics)]
-    extra = {"cell": cell.name, "method": cell.method, "requested_bits": cell.bits,
-             "distill_seconds": (metrics or {}).get("seconds")}
-    return [r | extra for r in rows]
-
-
-# --- choosing ----------------------------------------------------------------------------------------
-
-def _point(row: dict) -> tuple[float, float, float] | None:
-    """(accuracy, p50 ms, size MB) of a measured row, or None when one is unknown."""
-    acc, size = row.get("accuracy"), row.get("size_mb")
-    p50 = (row.get("latency_ms") or {}).get("p50")
-    if row.get("status") not in RUNNABLE or None in (acc, size, p50):
-        return None
-    return acc, p50, size
-
-
-def dominates(a: tuple, b: tuple) -> bool:
-    """a = (accuracy, latency, size) is at least as good as b everywhere and better somewhere."""
-    no_worse = a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2]
-    return no_worse and a != b
-
-
-def pareto_front(rows: Sequence[dict], batch_size: int | None = None) -> list[dict]:
-    """Measured rows (at ``batch_size`` when given) that no other such row dominates on higher
-    accuracy, lower p50 latency and smaller size; in the input order."""
-    points = [(r, _point(r)) for r in rows if batch_size is None or r.get("batch_size") == batch_size]
-    points = [(r, p) for r, p in points if p is not None]
-    return [r for r, p in points if not any(dominates(q, p) for _, q in points)]
-
-
-def best_under_budget(rows: Sequence[dict]) -> dict | None:
-    """The ``ok`` row (every budget of the profile passed) with the highest accuracy; ties go to
-    the lower p50 latency, then the smaller model. None when no row meets the budgets."""
-    ok = [(r, _point(r)) for r in rows if r.get("status") == "ok"]
-    ok = [(r, p) for r, p in ok if p is not None]
-    if not ok:
-        return None
-    return min(ok, key=lambda rp: (-rp[1][0], rp[1][1], rp[1][2]))[0]
 
 
 # --- the sweep ---------------------------------------------------------------------------------------
@@ -258,11 +120,14 @@ def run_sweep(opts: SweepOptions, log: Log = quiet, settings=None) -> SweepResul
     from ..kd import LOSSES
 
     for method in opts.methods:  # a misspelt method is a usage error, not one error row per cell
-        LOSSES.get(method)
+        if method not in BASELINES:
+            LOSSES.get(method)
     target = catalog.load_target(opts.target)
     prof = catalog.load_profile(opts.profile) if opts.profile else None
     budgets = prof.budgets if prof else None
     settings = settings or bench.resolve_settings(prof)
+    for seed in opts.seeds or ():
+        op.check("seed", seed, "--seeds")
     for bits in opts.bits:
         if not 2 <= bits <= 8:
             log(f"warning: bits {bits} is outside 2..8; that cell will fail")
@@ -271,13 +136,27 @@ def run_sweep(opts: SweepOptions, log: Log = quiet, settings=None) -> SweepResul
     check_recipe(root, opts.recipe() | {"target": target.name})
     rows: list[dict] = []
     for cell in opts.cells():
-        rows.extend(run_cell(cell, opts, root, settings, budgets, prof.name if prof else None, log))
+        source = _source(cell, opts, root)
+        rows.extend(run_cell(cell, opts, root, settings, budgets, prof.name if prof else None, log, source))
     batch = settings.batch_sizes[0] if settings.batch_sizes else None
     front, best = pareto_front(rows, batch), best_under_budget(rows)
     for r in rows:
         r["pareto"] = any(r is f for f in front)
         r["best"] = r is best
     return SweepResult(root=root, rows=rows, pareto=front, best=best, batch_size=batch, budgets=budgets)
+
+
+def _source(cell: Cell, opts: SweepOptions, root: Path) -> Path | None:
+    """The run a cell takes its float student from: for a baseline, the seed's first trained method
+    (none preferred: a plain float student) at the first bit width; for a trained cell at a later bit
+    width, the same method's first cell, when its float phase can be shared."""
+    trained = [m for m in opts.methods if m not in BASELINES]
+    if cell.method in BASELINES:
+        method = "none" if "none" in trained else (trained[0] if trained else None)
+        return root / "runs" / Cell(opts.bits[0], method, cell.seed, cell.tagged).name if method else None
+    if cell.bits == opts.bits[0] or not shares_float_phase(cell.method) or opts.config:
+        return None
+    return root / "runs" / Cell(opts.bits[0], cell.method, cell.seed, cell.tagged).name
 
 
 def summary(result: SweepResult) -> list[str]:
@@ -288,7 +167,13 @@ def summary(result: SweepResult) -> list[str]:
         return (f"{r['cell']} ({bits_label(r)}, batch {r.get('batch_size')}): accuracy {100 * r['accuracy']:.2f}%, "
                 f"p50 {r['latency_ms']['p50']:.3g} ms, {r['size_mb']:.3g} MB")
 
-    lines = [f"Pareto set at batch {result.batch_size} (higher accuracy, lower p50 latency, smaller size):"]
+    lines = []
+    groups = [g for g in spread(result.rows, result.batch_size) if g["seeds"] > 1]
+    if groups:
+        lines.append("accuracy over seeds (mean, min..max):")
+        lines += [f"  W{g['bits']}A{g['bits']} {g['method']}: {100 * g['mean']:.2f}% "
+                  f"({100 * g['min']:.2f}..{100 * g['max']:.2f}, {g['seeds']} seeds)" for g in groups]
+    lines.append(f"Pareto set at batch {result.batch_size} (higher accuracy, lower p50 latency, smaller size):")
     lines += [f"  {describe(r)}" for r in result.pareto] or ["  (no measured cell)"]
     if result.best is not None:
         what = "meets every budget of the profile" if result.budgets is not None else "no profile: best accuracy"
