@@ -110,12 +110,11 @@ FPGA = {"backend": "qonnx", "format": "qonnx", "target": "qonnx-finn", "runtime_
 
 
 def cached_teacher_dir() -> str:
-    """Where distill looks for its default teacher (cnn-teacher, digits, seed 0, 20 epochs)."""
-    try:
-        from edgekd.api import teacher_dir
-    except ImportError:
-        return "runs/teachers/v2-digits-cnn-teacher-s0-e20"
-    return str(teacher_dir("digits", "cnn-teacher", 0, 20))
+    """Where distill looks for its default teacher (the default architecture and epochs, digits, seed 0)."""
+    from edgekd.api import DEFAULT_TEACHER, teacher_dir
+    from edgekd.config.options import default
+
+    return str(teacher_dir("digits", DEFAULT_TEACHER, 0, default("teacher_epochs")))
 
 
 def truncated_cached_teacher(tmp: Path) -> None:

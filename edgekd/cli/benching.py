@@ -105,7 +105,7 @@ def _sweep_columns():
               help="A distill recipe applied to every trained cell.")
 @c.flag("target", help="Target name, alias or .toml file.")
 @click.option("--profile", metavar="NAME|FILE.toml", help="Device profile: bench settings and budgets.")
-@click.option("--teacher", help="Teacher checkpoint file or architecture [default: cnn-teacher].")
+@click.option("--teacher", help="Teacher checkpoint file or architecture [default: cnnfc-teacher].")
 @c.flag("student")
 @c.flag("epochs", help="QAT epochs per cell.")
 @c.flag("float_epochs")

@@ -16,15 +16,18 @@ from .app import main
 @c.data_opts
 @c.flag("arch")
 @c.flag("epochs", default=op.default("teacher_epochs"), help="Epochs.")
-@c.flag("lr")
-@c.flag("batch_size")
+@c.flag("teacher_lr", "--lr", help="Peak learning rate (one-cycle).")
+@c.flag("teacher_batch_size", "--batch-size", help="Batch size (global, across processes).")
+@c.flag("teacher_optimizer", "--optimizer", help="sgd (Nesterov momentum 0.9) or adamw; weight decay on weights only.")
+@c.flag("label_smoothing")
 @c.seed_opt
 @c.out_option("--out", help="Output directory (default runs/teachers/NAME).")
 @c.overwrite_opt
 @c.training_opts
 @c.quiet_opt
-def train(data, arch, epochs, lr, batch_size, seed, out, overwrite, device, amp, resume, tensorboard, quiet, **read):
-    """Train a float model to use as a teacher.
+def train(data, arch, epochs, teacher_lr, teacher_batch_size, teacher_optimizer, label_smoothing, seed, out, overwrite,
+          device, amp, resume, tensorboard, quiet, **read):
+    """Train a float model to use as a teacher (SGD one-cycle, label smoothing: the measured teacher recipe).
 
     \b
     Start from a weights file with --arch ARCH=WEIGHTS, e.g.
@@ -33,7 +36,8 @@ def train(data, arch, epochs, lr, batch_size, seed, out, overwrite, device, amp,
     from ..api import TrainOptions, train as run_train
     from ..training.distributed import launched_rank
 
-    opts = TrainOptions(data=data, arch=arch, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+    opts = TrainOptions(data=data, arch=arch, epochs=epochs, lr=teacher_lr, batch_size=teacher_batch_size,
+                        optimizer=teacher_optimizer, label_smoothing=label_smoothing, seed=seed,
                         progress=not quiet, device=device, amp=amp, **read)
     metrics = run_train(opts, out=out, log=c.logger(quiet), resume=resume, overwrite=overwrite, tensorboard=tensorboard)
     if launched_rank() != 0:  # torchrun: rank 0 reports

@@ -1,6 +1,7 @@
 """Model specs -> nn.Module, adapted to the dataset's channels and classes.
 
-Specs: a built-in name (``cnn-teacher``, ``cnn-student``, ``resnet-student``, ``mlp-student``),
+Specs: a built-in name (``cnnfc-teacher``, ``cnnfc-student``, ``cnn-teacher``, ``cnn-student``,
+``resnet-student``, ``mlp-student``),
 ``torchvision:NAME`` or ``timm:NAME`` (built with random weights; nothing is downloaded; timm is the
 extra ``edgekd[timm]``) or ``module:callable`` (``package.module:function``, called with the keyword
 arguments it accepts among ``num_classes`` and ``in_channels``). Any of them may carry a weights

@@ -51,6 +51,43 @@ def cnn_teacher(num_classes: int = 10, in_channels: int = 1, width: int = 64, im
                          Residual(2 * w, 2 * w), Residual(2 * w, 4 * w, 2), *_head(4 * w, num_classes))
 
 
+def _halved(size: int, times: int) -> int:
+    """The side of a map after ``times`` stride-2 3x3 convolutions (padding 1): ceil(size / 2) each."""
+    for _ in range(times):
+        size = (size + 1) // 2
+    return size
+
+
+@ARCHS.register("cnnfc-teacher")
+def cnnfc_teacher(num_classes: int = 10, in_channels: int = 1, width: int = 48, image_size: int = 28,
+                  hidden: int = 256, dropout: float = 0.3) -> nn.Module:
+    """The default teacher: five conv-BN-ReLU (two of stride 2) and a positional head, flatten ->
+    Linear(hidden) -> BN -> ReLU -> dropout -> Linear (1.36M parameters, 13.6M MACs on 28x28).
+
+    On centred images (Fashion-MNIST) where a feature is, carries information that global pooling
+    discards: measured on Fashion-MNIST, 93.68% in 10 epochs (about 14 minutes on 2 cores) against
+    92.30% for the same convolutions with a pooled head (benchmarks/README: teacher).
+    """
+    w, stem = width, width // 2
+    side = _halved(image_size, 2)
+    features = [*_conv_bn(in_channels, stem), *_conv_bn(stem, w, 2), *_conv_bn(w, w), *_conv_bn(w, 2 * w, 2),
+                *_conv_bn(2 * w, 2 * w)]
+    head = [nn.Flatten(), nn.Linear(2 * w * side * side, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(hidden, num_classes)]
+    return nn.Sequential(*features, *head)
+
+
+@ARCHS.register("cnnfc-student")
+def cnnfc_student(num_classes: int = 10, in_channels: int = 1, width: int = 16, image_size: int = 28) -> nn.Module:
+    """The default student: four conv-BN-ReLU and a positional head, flatten -> Linear (64k parameters,
+    2.3M MACs on 28x28; 4.7% of the teacher). Measured on Fashion-MNIST with KD from cnnfc-teacher,
+    12 float epochs: 92.67% against 91.98% for a 1.5x wider cnn-student with a pooled head."""
+    w, stride = width, _stem_stride(image_size)
+    side = _halved(image_size, 1 + (stride == 2))
+    return nn.Sequential(*_conv_bn(in_channels, w, stride), *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w, 2),
+                         *_conv_bn(2 * w, 4 * w), nn.Flatten(), nn.Linear(4 * w * side * side, num_classes))
+
+
 @ARCHS.register("cnn-student")
 def cnn_student(num_classes: int = 10, in_channels: int = 1, width: int = 16, image_size: int = 8) -> nn.Module:
     """A plain 4-conv student (33k parameters at width 16), about 2% of the teacher."""

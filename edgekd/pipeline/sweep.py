@@ -40,11 +40,11 @@ class SweepOptions:
     methods: tuple[str, ...] = ("hinton",)  # KD methods, none (QAT alone), ptq
     data: str = "digits"
     target: str = "onnxruntime-cpu"
-    student: str = "cnn-student"
+    student: str = op.DEFAULT_STUDENT
     teacher: str | None = None
-    epochs: int = 8
-    float_epochs: int = 8
-    teacher_epochs: int = 20
+    epochs: int = op.default("epochs")
+    float_epochs: int = op.default("float_epochs")
+    teacher_epochs: int = op.default("teacher_epochs")
     seed: int = 0
     seeds: tuple[int, ...] | None = None  # several seeds (None: seed alone)
     reference: bool = False  # an fp32 bundle of the float student, per seed

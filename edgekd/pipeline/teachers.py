@@ -17,7 +17,7 @@ PYTHON_API = "python-api"  # what a run records as its dataset or model when the
 
 # Bumped whenever a built-in architecture changes in a way its weights' shapes do not show
 # (e.g. a stride), so that an old cached teacher is never reused with the wrong semantics.
-TEACHER_CACHE_VERSION = "v2"
+TEACHER_CACHE_VERSION = "v3"  # v3: the teacher recipe (SGD, label smoothing) and cnnfc-teacher
 
 
 def train(opts: TrainOptions, out: Path | None = None, log: Log = quiet, resume: bool | str = False,
@@ -39,7 +39,8 @@ def train(opts: TrainOptions, out: Path | None = None, log: Log = quiet, resume:
     if data is not None:
         opts = replace(opts, data=PYTHON_API)
     op.validate(opts)
-    out = Path(out) if out else teacher_dir(opts.data, opts.arch, opts.seed, opts.epochs, data_options(opts))
+    out = Path(out) if out else teacher_dir(opts.data, opts.arch, opts.seed, opts.epochs, data_options(opts),
+                                            teacher_recipe(opts))
     check_output(out, "teacher", [*data_inputs(opts.data), models.split_weights(opts.arch)[1]], overwrite)
     check_partial(partial_dir(out), overwrite, resume is True)
     joined, loud = join_group(opts)
@@ -70,17 +71,20 @@ def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str, t
     torch.manual_seed(opts.seed)  # the initial weights depend on the seed alone, not on the process
     built = models.from_spec(opts.arch, data.num_classes, data.input_shape, student=True, log=log, role="arch")
     model = built.model
-    out = Path(out) if out else teacher_dir(opts.data, opts.arch, opts.seed, opts.epochs, data_options(opts))
+    out = Path(out) if out else teacher_dir(opts.data, opts.arch, opts.seed, opts.epochs, data_options(opts),
+                                            teacher_recipe(opts))
     ckpts = RunCheckpoints(partial_dir(out), options_dict(opts), resume, log)
     log(f"training {opts.arch} ({models.count_params(model):,} parameters) on {opts.data} for {opts.epochs} epochs"
         + (f" on {dd.world()} processes" if dd.world() > 1 else ""))
     cfg = tr.FitConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed,
-                       flip=data.flip_augment, progress=opts.progress, desc="teacher", device=opts.device, amp=opts.amp)
+                       flip=data.flip_augment, progress=opts.progress, desc="teacher", device=opts.device, amp=opts.amp,
+                       optimizer=opts.optimizer)
     board = TensorBoard(tensorboard_dir(out), "teacher") if tensorboard and dd.is_main() else None
     if board is not None:
         log(f"tensorboard: events in {board.logdir} (tensorboard --logdir {board.logdir.parent})")
     try:
-        result = tr.fit(model, data, cfg, make_loss("none"), checkpoint=ckpts.phase("teacher"),
+        result = tr.fit(model, data, cfg, make_loss("ce", label_smoothing=opts.label_smoothing),
+                        checkpoint=ckpts.phase("teacher"),
                         on_epoch=lambda r: (log(epoch_line("teacher", r)), board and board.epoch(r)))
     finally:
         if board is not None:
@@ -101,10 +105,11 @@ def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str, t
     return metrics | {"path": str(out / "model.pt")}
 
 
-def teacher_dir(data: str, arch: str, seed: int, epochs: int, options=None) -> Path:
+def teacher_dir(data: str, arch: str, seed: int, epochs: int, options=None, recipe: dict | None = None) -> Path:
     """Where ``train`` keeps a teacher by default, and where ``distill`` looks for one to reuse.
     ``options`` (data.DataOptions): read otherwise than by default, or from an image folder, the data
-    gets a key of its own (a hash of the spec and the options that decide the pixels)."""
+    gets a key of its own (a hash of the spec and the options that decide the pixels); so does a
+    training ``recipe`` (lr, batch_size, optimizer, label_smoothing) other than the defaults."""
     import hashlib
     import json
 
@@ -112,11 +117,19 @@ def teacher_dir(data: str, arch: str, seed: int, epochs: int, options=None) -> P
 
     record = (options or DataOptions()).record()
     parts = [TEACHER_CACHE_VERSION, dataset_name(data), arch.replace("=", "-from-"), f"s{seed}", f"e{epochs}"]
+    if recipe and recipe != teacher_recipe(TrainOptions()):
+        parts.append("r" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:6])
     if record != DataOptions().record() or data.startswith("imagefolder:"):
         where = str(Path(data.partition(":")[2]).resolve()) if data.startswith("imagefolder:") else data
         key = json.dumps([where, record], sort_keys=True)
         parts.append(hashlib.sha256(key.encode()).hexdigest()[:8])
     return RUNS_DIR / "teachers" / slug(*parts)
+
+
+def teacher_recipe(opts: TrainOptions) -> dict:
+    """What besides architecture, data, seed and epochs decides a trained teacher."""
+    return {"lr": opts.lr, "batch_size": opts.batch_size, "optimizer": opts.optimizer,
+            "label_smoothing": opts.label_smoothing}
 
 
 def resolve_teacher(spec: str | None, data, opts, log: Log, trust_code: bool = False):

@@ -106,10 +106,17 @@ def _act_quant(spec: QuantSpec, bits: int, signed: bool):
         base = fixed_point.Int8ActPerTensorFixedPoint if signed else fixed_point.Uint8ActPerTensorFixedPoint
     else:
         base = scaled_int.Int8ActPerTensorFloat if signed else scaled_int.Uint8ActPerTensorFloat
-    # Scales start from the 99.999th percentile of the first 30 training batches, then are learned
-    # in the log domain (an optimizer step is then a relative change, whatever the scale's size).
-    q = base.let(bit_width=bits, high_percentile_q=99.999, collect_stats_steps=30)
+    # Scales start from a high percentile of the first 30 training batches, then are learned in the
+    # log domain (an optimizer step is then a relative change, whatever the scale's size). At 2 bits
+    # the 99.999th percentile (about the maximum) leaves most activations on levels 0 and 1 and costs
+    # whole epochs to undo: the 99th starts closer (Fashion-MNIST KD+QAT W2A2: 87.4% -> 89.6%).
+    q = base.let(bit_width=bits, high_percentile_q=act_init_percentile(bits), collect_stats_steps=30)
     return q if spec.scale_type == "po2" else q.let(restrict_scaling_type=RestrictValueType.LOG_FP)
+
+
+def act_init_percentile(bits: int) -> float:
+    """Percentile of the first batches' activations an activation scale starts from."""
+    return 99.0 if bits <= 2 else 99.999
 
 
 def _maps(spec: QuantSpec, first_last: set[int]):
