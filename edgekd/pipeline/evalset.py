@@ -77,16 +77,18 @@ def full_accuracy(model, backend, artifact, options: dict, split, sample: dict, 
     total, n = len(split), sample["n"]
     if n >= total:
         return {"eval_samples": n, "test_samples": total, "torch_accuracy_full": sample["torch_accuracy"],
-                "runtime_accuracy_full": sample["runtime_accuracy"]}
-    torch_hits = runtime_hits = 0
+                "runtime_accuracy_full": sample["runtime_accuracy"], "top1_agreement_full": sample["top1_agreement"]}
+    torch_hits = runtime_hits = agree = 0
     for lo in range(0, total, CHUNK):
         idx = np.arange(lo, min(lo + CHUNK, total))
         x, y = np.ascontiguousarray(split.take(idx), dtype=np.float32), np.asarray(split.y[idx])
         with torch.no_grad():
             reference = torch.cat([model(torch.from_numpy(x[i: i + 500])) for i in range(0, len(x), 500)]).numpy()
+        runtime = np.asarray(backend.infer(artifact, x, options)).argmax(1)
         torch_hits += int((reference.argmax(1) == y).sum())
-        runtime_hits += int((np.asarray(backend.infer(artifact, x, options)).argmax(1) == y).sum())
+        runtime_hits += int((runtime == y).sum())
+        agree += int((runtime == reference.argmax(1)).sum())
     log(f"whole test split ({total} images): runtime accuracy {runtime_hits / total:.4f}, PyTorch "
-        f"{torch_hits / total:.4f}; eval.npz keeps a stratified sample of {n}")
+        f"{torch_hits / total:.4f}, top-1 agreement {agree / total:.4f}; eval.npz keeps a stratified sample of {n}")
     return {"eval_samples": n, "test_samples": total, "torch_accuracy_full": torch_hits / total,
-            "runtime_accuracy_full": runtime_hits / total}
+            "runtime_accuracy_full": runtime_hits / total, "top1_agreement_full": agree / total}

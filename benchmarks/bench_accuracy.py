@@ -1,0 +1,249 @@
+"""Quantized distillation against the alternatives on Fashion-MNIST: fp32, PTQ, QAT, KD+QAT at 8/4/2 bits.
+
+One resumable command builds the whole table with edgekd's own defaults (the ones `edgekd distill`
+uses): the default teacher (cnnfc-teacher) trained once, the default student (cnnfc-student,
+64k parameters), 12 float + 4 QAT epochs, Hinton KD at T=4, alpha=0.9.
+
+    nice python benchmarks/bench_accuracy.py [--root runs/bench-accuracy] [--seeds 0,1,2]
+
+Stages (each skipped when its result is on disk, so an interrupted run resumes where it stopped):
+  1. `edgekd train --data fashion-mnist` -> ROOT/teacher (seed 0, shared by every cell)
+  2. `edgekd sweep --bits 8,4,2 --methods none,hinton,ptq --reference --seed 0` -> ROOT/seed0
+     (none = QAT alone from a float CE student; hinton = KD+QAT; ptq = Brevitas PTQ of the
+     CE float student; fp32 = that float student exported unquantized)
+  3. `edgekd sweep --bits 4,2 --methods none,hinton --seeds 1,2` -> ROOT/more-seeds
+  4. ONNX Runtime's own quantize_static of the fp32 bundle's model (QDQ, per-channel weights,
+     1,024 training images for calibration; MinMax, Entropy, Percentile at 8 bits, MinMax at 4 bits).
+Every accuracy is through ONNX Runtime on all 10,000 test images (the manifest's
+runtime_accuracy_full); the top-1 agreement with PyTorch is over the same 10,000 images.
+Writes benchmarks/results/accuracy.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+COLUMNS = [("fp32", 32), ("ptq", 8), ("none", 8), ("hinton", 8), ("ptq", 4), ("none", 4), ("hinton", 4),
+           ("none", 2), ("hinton", 2)]
+LABEL = {"fp32": "fp32", "ptq": "PTQ", "none": "QAT", "hinton": "KD+QAT"}
+
+
+def edgekd(*args) -> None:
+    cmd = [sys.executable, "-m", "edgekd", *map(str, args)]
+    print("$", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags)
+
+
+def cell_record(root: Path, name: str, method: str, bits: int, seed: int) -> dict | None:
+    """Accuracy (ORT, whole test split), agreement and wall times of one sweep cell."""
+    run = root / "runs" / name
+    bundle = root / "bundles" / name
+    if not (bundle / "manifest.json").is_file():
+        return None
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    phases: dict[str, float] = {}
+    for h in metrics.get("history", []):
+        phases[h.get("phase", "?")] = phases.get(h.get("phase", "?"), 0.0) + float(h.get("epoch_seconds") or 0)
+    return {"method": method, "bits": bits, "seed": seed, "cell": name,
+            "accuracy": manifest.get("runtime_accuracy_full"), "torch_accuracy": manifest.get("torch_accuracy_full"),
+            "agreement": manifest.get("top1_agreement_full"), "test_samples": manifest.get("test_samples"),
+            "train_seconds": metrics.get("seconds"), "phase_seconds": phases,
+            "started_from": metrics.get("student_weights") or metrics.get("source_run")}
+
+
+def collect(root: Path, seeds: list[int]) -> list[dict]:
+    rows = []
+    for method, bits in COLUMNS:
+        base = "fp32" if method == "fp32" else f"bits{bits}-{method}"
+        r = cell_record(root / "seed0", base, method, bits, 0)
+        rows += [r] if r else []
+        if method in ("none", "hinton") and bits in (4, 2):
+            for s in seeds[1:]:  # a sweep over one seed leaves the seed out of the names
+                name = f"{base}-s{s}" if len(seeds) > 2 else base
+                r = cell_record(root / "more-seeds", name, method, bits, s)
+                rows += [r] if r else []
+    return rows
+
+
+def ort_ptq(root: Path, calib: int) -> list[dict]:
+    """ONNX Runtime's quantize_static of the fp32 bundle's model, evaluated on the whole test split."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    from edgekd.pipeline.evalset import read_test_split
+
+    bundle, run = root / "seed0" / "bundles" / "fp32", root / "seed0" / "runs" / "bits8-none"
+    if not (bundle / "model.onnx").is_file():
+        return []
+    import torch
+
+    from edgekd import models
+
+    _, meta = models.load_model(run / "float.pt")
+    data = read_test_split(meta)
+    # the same calibration images as edgekd quantize (seed 0)
+    idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:calib].numpy()
+    xc = np.ascontiguousarray(data.train.take(idx), dtype=np.float32)
+    xt, yt = np.ascontiguousarray(data.test.take(np.arange(len(data.test))), dtype=np.float32), np.asarray(data.test.y)
+    name = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{name: xc[i: i + 64]} for i in range(0, len(xc), 64)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    def accuracy(path: Path) -> tuple[float, np.ndarray]:
+        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        pred = np.concatenate([s.run(None, {name: xt[i: i + 1000]})[0].argmax(1) for i in range(0, len(xt), 1000)])
+        return float((pred == yt).mean()), pred
+
+    fp32_acc, fp32_pred = accuracy(bundle / "model.onnx")
+    out = []
+    plans = [(8, QuantType.QInt8, QuantType.QUInt8, m) for m in ("MinMax", "Entropy", "Percentile")]
+    plans += [(4, QuantType.QInt4, QuantType.QUInt4, "MinMax")]
+    for bits, wt, at, method in plans:
+        dest = root / "ort-ptq" / f"w{bits}a{bits}-{method.lower()}.onnx"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        try:
+            quantize_static(str(bundle / "model.onnx"), str(dest), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, weight_type=wt, activation_type=at,
+                            calibrate_method=getattr(CalibrationMethod, method))
+            acc, pred = accuracy(dest)
+            out.append({"method": f"ort-ptq-{method.lower()}", "bits": bits, "seed": 0, "accuracy": acc,
+                        "fp32_accuracy_ort": fp32_acc, "agreement_with_fp32": float((pred == fp32_pred).mean()),
+                        "seconds": time.perf_counter() - started, "calib_samples": calib})
+        except Exception as e:  # an int4 plan the installed ORT refuses is reported, not hidden
+            out.append({"method": f"ort-ptq-{method.lower()}", "bits": bits, "seed": 0, "accuracy": None,
+                        "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        print(f"ORT quantize_static W{bits}A{bits} {method}: {out[-1].get('accuracy')}", flush=True)
+    return out
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    cols = []
+    for method, bits in COLUMNS:
+        got = [r for r in rows if r["method"] == method and r["bits"] == bits and r["accuracy"] is not None]
+        accs = [r["accuracy"] for r in got]
+        cols.append({"column": LABEL[method] + ("" if method == "fp32" else f" W{bits}A{bits}"), "method": method,
+                     "bits": bits, "seeds": len(accs), "mean": statistics.mean(accs) if accs else None,
+                     "min": min(accs) if accs else None, "max": max(accs) if accs else None,
+                     "min_agreement": min((r["agreement"] for r in got if r["agreement"] is not None), default=None),
+                     "train_seconds": [r["train_seconds"] for r in got]})
+    return cols
+
+
+def markdown(cols: list[dict], ort_rows: list[dict], meta: dict) -> str:
+    def cell(c):
+        if c["mean"] is None:
+            return "not run"
+        s = f"{100 * c['mean']:.2f}"
+        return s + (f" ({100 * c['min']:.2f}..{100 * c['max']:.2f})" if c["seeds"] > 1 else "")
+
+    lines = ["| " + " | ".join(c["column"] for c in cols) + " |", "|" + "---|" * len(cols),
+             "| " + " | ".join(cell(c) for c in cols) + " |",
+             "| " + " | ".join(f"{c['seeds']} seed(s)" for c in cols) + " |",
+             "| " + " | ".join("-" if c["min_agreement"] is None else f"agree >= {100 * c['min_agreement']:.2f}%"
+                               for c in cols) + " |",
+             "| " + " | ".join(", ".join(f"{s:.0f} s" for s in c["train_seconds"] if s is not None) or "-"
+                               for c in cols) + " |", ""]
+    lines += ["ONNX Runtime quantize_static of the same fp32 student (QDQ, per-channel, "
+              f"{ort_rows[0]['calib_samples'] if ort_rows and 'calib_samples' in ort_rows[0] else 1024} calibration images):", ""]
+    for r in ort_rows:
+        acc = "error: " + r["error"] if r.get("accuracy") is None else f"{100 * r['accuracy']:.2f}%"
+        lines.append(f"- W{r['bits']}A{r['bits']} {r['method']}: {acc}")
+    lines += ["", f"Machine: {meta['cpu']} ({meta['cores']} cores, int8 flags: {meta['int8_flags']}); "
+              f"teacher {meta.get('teacher_accuracy')} in {meta.get('teacher_seconds')} s."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(cols: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(10, 4))
+    shown = [c for c in cols if c["mean"] is not None]
+    x = range(len(shown))
+    ax.bar(x, [100 * c["mean"] for c in shown], color=["#888" if c["method"] in ("fp32", "ptq") else
+                                                      "#4a7" if c["method"] == "hinton" else "#47a" for c in shown])
+    ax.errorbar(x, [100 * c["mean"] for c in shown], yerr=[[100 * (c["mean"] - c["min"]) for c in shown],
+                                                            [100 * (c["max"] - c["mean"]) for c in shown]],
+                fmt="none", ecolor="k", capsize=3)
+    ax.set_xticks(list(x), [c["column"] for c in shown], rotation=30, ha="right")
+    lo = min(100 * c["min"] for c in shown) if shown else 0
+    ax.set_ylim(max(0, lo - 2), 100)
+    ax.set_ylabel("test accuracy through ONNX Runtime (%)")
+    ax.set_title("Fashion-MNIST, cnnfc-student (64k params), edgekd defaults")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="runs/bench-accuracy", type=Path)
+    ap.add_argument("--seeds", default="0,1,2", help="the first seed runs every cell, the others W4A4/W2A2 QAT and KD+QAT")
+    ap.add_argument("--calib-samples", type=int, default=1024)
+    ap.add_argument("--collect-only", action="store_true", help="write the table from what is on disk")
+    ap.add_argument("--name", default="accuracy")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--smoke", action="store_true", help="1 epoch per phase (checks the script, not the numbers)")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    root, started = args.root, time.time()
+    teacher = root / "teacher"
+    short = ["--epochs", 1, "--float-epochs", 1] if args.smoke else []
+    common = ["--data", args.data, "--teacher", teacher / "model.pt", "-q", *short]
+    if not args.collect_only:
+        if not (teacher / "model.pt").is_file():
+            edgekd("train", "--data", args.data, "--out", teacher, "-q", *(["--epochs", 1] if args.smoke else []))
+        edgekd("sweep", *common, "--bits", "8,4,2", "--methods", "none,hinton,ptq", "--reference", "--seed", seeds[0],
+               "--out", root / "seed0")
+        if len(seeds) > 1:
+            edgekd("sweep", *common, "--bits", "4,2", "--methods", "none,hinton", "--seeds",
+                   ",".join(map(str, seeds[1:])), "--out", root / "more-seeds")
+    rows = collect(root, seeds)
+    ort_rows = ort_ptq(root, args.calib_samples)
+    tm = json.loads((teacher / "metrics.json").read_text()) if (teacher / "metrics.json").is_file() else {}
+    meta = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "int8_flags": cpu_flags(),
+            "teacher_accuracy": tm.get("accuracy"), "teacher_seconds": tm.get("seconds"),
+            "script_seconds_this_invocation": time.time() - started}
+    cols = summarise(rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "columns": cols, "cells": rows,
+                                                           "ort_ptq": ort_rows}, indent=2))
+    md = markdown(cols, ort_rows, meta)
+    (RESULTS / f"{args.name}.md").write_text(md)
+    plot(cols, RESULTS / f"{args.name}.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
