@@ -62,9 +62,15 @@ def cell_record(root: Path, name: str, method: str, bits: int, seed: int) -> dic
         return None
     manifest = json.loads((bundle / "manifest.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-    phases: dict[str, float] = {}
+    epochs: dict[str, list[float]] = {}  # per phase: epoch durations (history seconds are cumulative per phase)
+    last_phase, last = None, 0.0
     for h in metrics.get("history", []):
-        phases[h.get("phase", "?")] = phases.get(h.get("phase", "?"), 0.0) + float(h.get("epoch_seconds") or 0)
+        phase, sec = h.get("phase", "?"), float(h.get("seconds") or 0.0)
+        if phase != last_phase or sec < last:
+            last = 0.0
+        epochs.setdefault(phase, []).append(sec - last)
+        last_phase, last = phase, sec
+    phases = {p: {"epochs": len(v), "seconds": sum(v), "median_epoch_s": statistics.median(v)} for p, v in epochs.items()}
     return {"method": method, "bits": bits, "seed": seed, "cell": name,
             "accuracy": manifest.get("runtime_accuracy_full"), "torch_accuracy": manifest.get("torch_accuracy_full"),
             "agreement": manifest.get("top1_agreement_full"), "test_samples": manifest.get("test_samples"),
@@ -176,6 +182,9 @@ def markdown(cols: list[dict], ort_rows: list[dict], meta: dict) -> str:
     for r in ort_rows:
         acc = "error: " + r["error"] if r.get("accuracy") is None else f"{100 * r['accuracy']:.2f}%"
         lines.append(f"- W{r['bits']}A{r['bits']} {r['method']}: {acc}")
+    ratios = meta.get("qat_over_float_epoch") or {}
+    lines += ["", "QAT epoch / float epoch (medians, same run): " + (", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+                                                                 or "-")]
     lines += ["", f"Machine: {meta['cpu']} ({meta['cores']} cores, int8 flags: {meta['int8_flags']}); "
               f"teacher {meta.get('teacher_accuracy')} in {meta.get('teacher_seconds')} s."]
     return "\n".join(lines) + "\n"
@@ -234,6 +243,10 @@ def main() -> int:
     meta = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "int8_flags": cpu_flags(),
             "teacher_accuracy": tm.get("accuracy"), "teacher_seconds": tm.get("seconds"),
             "script_seconds_this_invocation": time.time() - started}
+    # QAT step cost: median QAT epoch / median float epoch of the same run (same process, same data)
+    meta["qat_over_float_epoch"] = {r["cell"] + f"-s{r['seed']}": round(r["phase_seconds"]["qat"]["median_epoch_s"]
+                                                                    / r["phase_seconds"]["float"]["median_epoch_s"], 2)
+                                    for r in rows if {"float", "qat"} <= set(r.get("phase_seconds") or {})}
     cols = summarise(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "columns": cols, "cells": rows,

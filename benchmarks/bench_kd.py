@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["timing", "accuracy"])
     p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--student", default="cnn-student")
+    p.add_argument("--student", default="cnnfc-student")
     p.add_argument("--teacher", default=None, help="checkpoint or architecture (timing default: an untrained "
                                                      "cnn-teacher, same cost as a trained one)")
     p.add_argument("--teacher-epochs", type=int, default=20)
@@ -209,7 +209,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=8, help="accuracy: QAT epochs")
     p.add_argument("--float-epochs", type=int, default=8, help="accuracy: float KD epochs before QAT")
-    p.add_argument("--flip", action="store_true", help="accuracy: random flips (turns the teacher cache off)")
+    p.add_argument("--flip", action="store_true", help="accuracy: random flips (the teacher cache holds both orientations)")
     p.add_argument("--runs", default="runs/bench_kd", help="accuracy: where the run directories go")
     p.add_argument("--json", type=Path, help="output JSON (default benchmarks/results/bench_kd_<what>.json)")
     args = p.parse_args(argv)
