@@ -82,6 +82,10 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(work, fault):
     edgekd(root, *DISTILL, "--teacher", teacher, "--out", out, "--resume", check=True)
     assert_same_weights(root / "reference" / "student.pt", root / out / "student.pt")
     assert not partial.exists()  # the training state is removed once the run directory is written
+    # the history (metrics.json, metrics.csv, curves) keeps the epochs trained before the interruption
+    ref = json.loads((root / "reference" / "metrics.json").read_text())["history"]
+    got = json.loads((root / out / "metrics.json").read_text())["history"]
+    assert [(r["phase"], r["epoch"], r["loss"]) for r in got] == [(r["phase"], r["epoch"], r["loss"]) for r in ref]
 
 
 def test_same_seed_same_result(work):

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..core.errors import EdgekdError
 from ..config.options import SAME
+from . import smooth
 from .spec import QuantSpec
 
 # ---- tracing ---------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def _weight_quant(spec: QuantSpec, bits):
     return q if spec.scale_type == "po2" else q.let(restrict_scaling_type=RestrictValueType.LOG_FP)
 
 
-def _act_quant(spec: QuantSpec, bits: int, signed: bool):
+def _act_quant(spec: QuantSpec, bits: int, signed: bool, percentile: float | None = None):
     from brevitas.core.restrict_val import RestrictValueType
     from brevitas.quant import fixed_point, scaled_int
 
@@ -110,7 +111,7 @@ def _act_quant(spec: QuantSpec, bits: int, signed: bool):
     # log domain (an optimizer step is then a relative change, whatever the scale's size). At 2 bits
     # the 99.999th percentile (about the maximum) leaves most activations on levels 0 and 1 and costs
     # whole epochs to undo: the 99th starts closer (Fashion-MNIST KD+QAT W2A2: 87.4% -> 89.6%).
-    q = base.let(bit_width=bits, high_percentile_q=act_init_percentile(bits), collect_stats_steps=30)
+    q = base.let(bit_width=bits, high_percentile_q=percentile or act_init_percentile(bits), collect_stats_steps=30)
     return q if spec.scale_type == "po2" else q.let(restrict_scaling_type=RestrictValueType.LOG_FP)
 
 
@@ -199,6 +200,7 @@ def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
             from brevitas.graph.quantize import DisableLastReturnQuantTensor
 
             gm = DisableLastReturnQuantTensor().apply(gm)
+            smooth.rewrite(gm, spec, lambda bits, signed, pct=None: _act_quant(spec, bits, signed, pct))
             _drop_logits_quant(gm)
     finally:
         config.IGNORE_MISSING_KEYS = ignore

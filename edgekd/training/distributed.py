@@ -70,7 +70,11 @@ def shutdown() -> None:
 
 
 def local_threads() -> int:
-    """CPU threads per process: the cores shared among the processes of this node."""
+    """CPU threads per process: OMP_NUM_THREADS when set (PyTorch's own convention), else the cores
+    shared among the processes of this node."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, (os.cpu_count() or 1) // max(1, local))
 

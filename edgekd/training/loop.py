@@ -92,6 +92,8 @@ def fit(model: nn.Module, data: Dataset, cfg: FitConfig, loss_fn, teacher: nn.Mo
     """
     phase = Phase(model, data, cfg, loss_fn, teacher, list(peers or []), checkpoint)
     phase.prepare(cache)
+    for row in phase.state.history if on_epoch else ():  # epochs restored by --resume stay in the run's history
+        on_epoch(row)
     if not phase.state.done:
         with phase.running():
             for epoch in range(phase.state.epoch, cfg.epochs + 1):

@@ -338,7 +338,8 @@ def assistant(run: Run) -> Outcome:
     o = run.opts
     teacher, seconds = run.teacher, 0.0
     epochs = o.assistant_epochs or max(1, o.float_epochs + o.epochs)
-    for arch in o.assistants:
+    for i, arch in enumerate(o.assistants):
+        torch.manual_seed(o.seed + 1000 + i)  # each assistant's initial weights follow the run's seed
         model = models.build_model(arch, run.data.num_classes, run.data.input_shape)
         desc = f"assistant {arch}"
         objective = run.new_objective()
