@@ -4,7 +4,9 @@ One resumable command builds the whole table with edgekd's own defaults (the one
 uses): the default teacher (cnnfc-teacher) trained once, the default student (cnnfc-student,
 64k parameters), 12 float + 4 QAT epochs, Hinton KD at T=4, alpha=0.9.
 
-    nice python benchmarks/bench_accuracy.py [--root runs/bench-accuracy] [--seeds 0,1,2]
+    nice python benchmarks/bench_accuracy.py [--root runs/bench-accuracy] [--seeds 0,1,2] [--parallel]
+
+The numbers in the README were made with OMP_NUM_THREADS=1 and --parallel on a 2-core machine.
 
 Stages (each skipped when its result is on disk, so an interrupted run resumes where it stopped):
   1. `edgekd train --data fashion-mnist` -> ROOT/teacher (seed 0, shared by every cell)
@@ -40,10 +42,13 @@ COLUMNS = [("fp32", 32), ("ptq", 8), ("none", 8), ("hinton", 8), ("ptq", 4), ("n
 LABEL = {"fp32": "fp32", "ptq": "PTQ", "none": "QAT", "hinton": "KD+QAT"}
 
 
-def edgekd(*args) -> None:
+def edgekd(*args, wait: bool = True):
     cmd = [sys.executable, "-m", "edgekd", *map(str, args)]
     print("$", " ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True)
+    proc = subprocess.Popen(cmd)
+    if wait and proc.wait() != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd[2:])}")
+    return proc
 
 
 def cpu_flags() -> str:
@@ -222,6 +227,8 @@ def main() -> int:
     ap.add_argument("--collect-only", action="store_true", help="write the table from what is on disk")
     ap.add_argument("--name", default="accuracy")
     ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the two sweeps side by side (with OMP_NUM_THREADS=1: one core each)")
     ap.add_argument("--smoke", action="store_true", help="1 epoch per phase (checks the script, not the numbers)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -232,11 +239,13 @@ def main() -> int:
     if not args.collect_only:
         if not (teacher / "model.pt").is_file():
             edgekd("train", "--data", args.data, "--out", teacher, "-q", *(["--epochs", 1] if args.smoke else []))
-        edgekd("sweep", *common, "--bits", "8,4,2", "--methods", "none,hinton,ptq", "--reference", "--seed", seeds[0],
-               "--out", root / "seed0")
+        procs = [edgekd("sweep", *common, "--bits", "8,4,2", "--methods", "none,hinton,ptq", "--reference", "--seed",
+                        seeds[0], "--out", root / "seed0", wait=not args.parallel)]
         if len(seeds) > 1:
-            edgekd("sweep", *common, "--bits", "4,2", "--methods", "none,hinton", "--seeds",
-                   ",".join(map(str, seeds[1:])), "--out", root / "more-seeds")
+            procs.append(edgekd("sweep", *common, "--bits", "4,2", "--methods", "none,hinton", "--seeds",
+                                ",".join(map(str, seeds[1:])), "--out", root / "more-seeds", wait=not args.parallel))
+        if any(p.wait() != 0 for p in procs):
+            raise SystemExit("a sweep failed; run the same command again to resume")
     rows = collect(root, seeds)
     ort_rows = ort_ptq(root, args.calib_samples)
     tm = json.loads((teacher / "metrics.json").read_text()) if (teacher / "metrics.json").is_file() else {}

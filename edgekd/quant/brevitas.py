@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core.errors import EdgekdError
 from ..config.options import SAME
-from . import smooth
+from . import mobile
 from .spec import QuantSpec
 
 # ---- tracing ---------------------------------------------------------------------------------------
@@ -133,7 +133,14 @@ def _maps(spec: QuantSpec, first_last: set[int]):
     def weight_bit_width(module):
         return high if _layer_key(module) in first_last else low
 
-    layer_kwargs = {"weight_quant": _weight_quant(spec, low).let(bit_width=weight_bit_width),
+    @value
+    def scaling_stats_impl(module):
+        from brevitas.core.stats import AbsMax
+
+        return mobile.MSEThreshold if mobile.is_depthwise(module) else AbsMax
+
+    layer_kwargs = {"weight_quant": _weight_quant(spec, low).let(bit_width=weight_bit_width,
+                                                                 scaling_stats_impl=scaling_stats_impl),
                     "bias_quant": Int32Bias if spec.bias == "int32" else None,
                     "return_quant_tensor": False}
     signed_act = {"act_quant": _act_quant(spec, spec.act_bits, True), "return_quant_tensor": True}
@@ -200,7 +207,7 @@ def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
             from brevitas.graph.quantize import DisableLastReturnQuantTensor
 
             gm = DisableLastReturnQuantTensor().apply(gm)
-            smooth.rewrite(gm, spec, lambda bits, signed, pct=None: _act_quant(spec, bits, signed, pct))
+            mobile.rewrite(gm, spec, lambda bits, signed, pct: _act_quant(spec, bits, signed, pct))
             _drop_logits_quant(gm)
     finally:
         config.IGNORE_MISSING_KEYS = ignore
