@@ -230,15 +230,21 @@ def validate(opts, where: str = "") -> None:
 
 
 @dataclass
-class TrainOptions:
-    data: str = default("data")
-    arch: str = default("arch")
+class ReadOptions:
+    """How the data set is read: shared by ``train`` and ``distill`` (edgekd.data.DataOptions)."""
+
     normalize: str = default("normalize")
     image_size: int | None = default("image_size")
     channels: int | None = default("channels")
     augment: str | None = default("augment")
     workers: int = default("workers")
     skip_bad_images: bool = default("skip_bad_images")
+
+
+@dataclass
+class TrainOptions(ReadOptions):
+    data: str = default("data")
+    arch: str = default("arch")
     epochs: int = default("teacher_epochs")
     lr: float = default("teacher_lr")
     batch_size: int = default("teacher_batch_size")
@@ -251,7 +257,7 @@ class TrainOptions:
 
 
 @dataclass
-class DistillOptions:
+class DistillOptions(ReadOptions):
     """Options of ``distill``. Method hyper-parameters default to their papers (see edgekd.kd)."""
 
     data: str = default("data")
@@ -289,10 +295,4 @@ class DistillOptions:
     train_limit: int | None = default("train_limit")
     device: str = default("device")
     amp: bool = default("amp")
-    normalize: str = default("normalize")
-    image_size: int | None = default("image_size")
-    channels: int | None = default("channels")
-    augment: str | None = default("augment")
-    workers: int = default("workers")
-    skip_bad_images: bool = default("skip_bad_images")
     force: bool = default("force")  # distill even when the teacher is near chance

@@ -19,8 +19,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..core.errors import EdgekdError
 from ..config.options import SAME
+from ..core.errors import EdgekdError
 from . import mobile
 from .spec import QuantSpec
 
@@ -129,15 +129,19 @@ def _maps(spec: QuantSpec, first_last: set[int]):
     high = spec.first_last_weight_bits
     low = spec.weight_bits
 
-    @value
-    def weight_bit_width(module):
+    def bits(module):
         return high if _layer_key(module) in first_last else low
 
     @value
-    def scaling_stats_impl(module):
+    def weight_bit_width(module):
+        return bits(module)
+
+    @value
+    def scaling_stats_impl(module):  # the threshold a weight scale starts from
         from brevitas.core.stats import AbsMax
 
-        return mobile.MSEThreshold if mobile.is_depthwise(module) else AbsMax
+        low_bit_depthwise = mobile.is_depthwise(module) and bits(module) <= mobile.MSE_THRESHOLD_BITS
+        return mobile.MSEThreshold if low_bit_depthwise else AbsMax
 
     layer_kwargs = {"weight_quant": _weight_quant(spec, low).let(bit_width=weight_bit_width,
                                                                  scaling_stats_impl=scaling_stats_impl),
@@ -179,6 +183,7 @@ def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
     ``model`` itself is left untouched (Brevitas merges batch norms in place, so we copy first).
     """
     import copy
+
     from brevitas import config
     from brevitas.graph import quantize_impl as qi
     from brevitas.graph.quantize import align_input_quant, preprocess_for_quantize
