@@ -67,6 +67,18 @@ def release(runner: Runner, handle: Any) -> None:
         runner.unload(handle)
 
 
+def padded_chunks(x: np.ndarray, size: int, min_size: int = 1):
+    """(chunk, n) for runtimes that take fixed or bounded batches: ``x`` in chunks of at most
+    ``size``; a chunk below ``min_size`` is padded by repeating its samples, of which the first
+    ``n`` are real (the caller drops the padding's outputs)."""
+    for i in range(0, len(x), size):
+        chunk = x[i:i + size]
+        n = len(chunk)
+        if n < min_size:
+            chunk = np.resize(chunk, (min_size,) + chunk.shape[1:])
+        yield chunk, n
+
+
 @dataclass
 class Compiled:
     """What a backend's export-time compile step produced: the artifact bench will run, and

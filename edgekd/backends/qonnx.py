@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import EdgekdError, MissingExtraError
-from . import Backend, Compiled, ExportContext, Option, host_facts
+from . import Backend, Compiled, ExportContext, Option, host_facts, padded_chunks
 
 EXEC_BATCH = 500  # samples per execute_onnx call (the executor needs a fixed batch in the graph)
 BRAM_36K_BITS = 36 * 1024
@@ -82,11 +82,7 @@ def run(model_path: Path, x: np.ndarray, batch: int = EXEC_BATCH) -> np.ndarray:
     batched = with_batch(model, batch)
     iname, oname = batched.graph.input[0].name, batched.graph.output[0].name
     out = []
-    for i in range(0, len(x), batch):
-        chunk = x[i: i + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.resize(chunk, (batch,) + chunk.shape[1:])
+    for chunk, n in padded_chunks(x, batch, batch):
         out.append(np.asarray(execute_onnx(batched, {iname: np.ascontiguousarray(chunk, dtype=np.float32)})[oname])[:n])
     return np.concatenate(out)
 

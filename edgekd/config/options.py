@@ -135,7 +135,7 @@ OPTIONS: dict[str, Opt] = {o.name: o for o in [
     Opt("float_epochs", 12, int, "Float KD epochs before QAT (0: QAT from scratch).", lo=0),
     Opt("teacher_epochs", 10, int, "Epochs when the teacher has to be trained first.", lo=1),
     # the teacher's recipe (edgekd train, and the teacher distill trains when none is given), measured on
-    # Fashion-MNIST: cnnfc-teacher reaches 93.7% in 10 epochs (benchmarks/README, teacher)
+    # Fashion-MNIST: cnnfc-teacher reaches 93.7% in 10 epochs (README: Defaults, and why)
     Opt("teacher_lr", 0.1, _NUM, "Peak learning rate when training a teacher (one-cycle).", lo=0, lo_open=True),
     Opt("teacher_batch_size", 128, int, "Batch size when training a teacher.", lo=1),
     Opt("teacher_optimizer", "sgd", str, "Optimizer when training a teacher.", choices=("sgd", "adamw")),

@@ -26,6 +26,7 @@ from ..core.registry import unknown
 from .normalize import resolve_normalization
 from .npz import read_npz
 from .options import DataOptions
+from .splits import split_indices
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -155,15 +156,8 @@ def _digits():
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
     """A seeded, stratified split: every class keeps its share in both parts."""
-    rng = np.random.default_rng(seed)
-    held = []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        rng.shuffle(idx)
-        held.append(idx[: int(round(len(idx) * test_fraction))])
-    mask = np.zeros(len(y), bool)
-    mask[np.concatenate(held)] = True
-    return (x[~mask], y[~mask]), (x[mask], y[mask])
+    keep, held = split_indices(y, test_fraction, seed)
+    return (x[keep], y[keep]), (x[held], y[held])
 
 
 def _stats(x: np.ndarray) -> tuple[list[float], list[float]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import ConfigError, MissingFileError
+from .splits import split_indices
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 AUGMENTS = ("crop+flip", "flip", "none")
@@ -211,20 +212,6 @@ def probe(files: list[str], options: FolderOptions) -> tuple[int, tuple[int, int
                           "pass --image-size N to resize and centre-crop them to N x N")
     (w, h), = sizes or {(0, 0)}
     return channels, (h, w)
-
-
-def split_indices(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held out) indices: a seeded, stratified share ``fraction`` of every class held out
-    (the same rule as the in-memory datasets' splits)."""
-    rng = np.random.default_rng(seed)
-    held = []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        rng.shuffle(idx)
-        held.append(idx[: int(round(len(idx) * fraction))])
-    mask = np.zeros(len(y), bool)
-    mask[np.concatenate(held)] = True
-    return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
 def channel_stats(split: FolderSplit, samples: int = 2000, seed: int = 0) -> tuple[list[float], list[float]]:

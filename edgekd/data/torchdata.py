@@ -83,8 +83,8 @@ class TorchData:
     def dataset(self, seed: int = 0, val_fraction: float = 0.1):
         """The edgekd Dataset of these torch datasets (splits read lazily)."""
         from .builtin import Dataset
-        from .imagefolder import split_indices
         from .options import DataOptions
+        from .splits import split_indices
 
         classes = [str(c) for c in self.classes]
         if len(classes) < 2:

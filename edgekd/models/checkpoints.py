@@ -26,14 +26,16 @@ def save_checkpoint(path: Path, state_dict: dict, meta: dict) -> None:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint without executing code: edgekd/.pt via weights_only, or .safetensors."""
+def load_checkpoint(path: str | Path, what: str = "checkpoint",
+                    missing_fix: str = "check the path, or train one with 'edgekd train'") -> dict:
+    """Load a checkpoint without executing code: edgekd/.pt via weights_only, or .safetensors.
+    ``what`` and ``missing_fix`` word the error for a path that is a folder or is missing."""
     path = Path(path)
     if path.is_dir():
-        raise MissingFileError(f"{path} is a directory, not a checkpoint file",
-                               "pass the checkpoint file inside it (edgekd writes model.pt or student.pt)")
+        raise MissingFileError(f"{what} {path} is a directory, not a file",
+                               "pass the file inside it (edgekd writes model.pt or student.pt)")
     if not path.is_file():
-        raise MissingFileError(f"checkpoint not found: {path}", "check the path, or train one with 'edgekd train'")
+        raise MissingFileError(f"{what} not found: {path}", missing_fix)
     if path.suffix == ".safetensors":
         return {"format": "safetensors", "meta": {}, "state_dict": _load_safetensors(path)}
     try:

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..core.errors import CheckpointError, MissingFileError
+from ..core.errors import CheckpointError
 
 WRAPPERS = ("state_dict", "model", "model_state_dict", "net", "module")
 PREFIXES = ("module.", "_orig_mod.")
@@ -34,13 +34,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors with prefixes stripped, the file's edgekd metadata or {}) of a weights file."""
     from .checkpoints import load_checkpoint
 
-    path = Path(path)
-    if path.is_dir():
-        raise MissingFileError(f"weights file {path} is a directory",
-                               "pass the file inside it (edgekd writes model.pt or student.pt)")
-    if not path.is_file():
-        raise MissingFileError(f"weights file not found: {path}", "check the path in ARCH=WEIGHTS")
-    ckpt = load_checkpoint(path)  # safe: weights_only / safetensors; edgekd checkpoints keep their state_dict
+    # safe: weights_only / safetensors; edgekd checkpoints keep their state_dict
+    ckpt = load_checkpoint(path, "weights file", "check the path in ARCH=WEIGHTS")
     return {_strip(k): v for k, v in ckpt["state_dict"].items()}, ckpt["meta"]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ...core.errors import EdgekdError
-from .. import host_facts
+from .. import host_facts, padded_chunks
 from .build import _call, _check, _device_name, _logger  # noqa: F401
 from .plan import import_cudart, import_tensorrt
 
@@ -196,11 +196,7 @@ class TensorrtRunner:
         dropped. Only here: timing (``timed_call``) refuses batches outside the profile instead."""
         lo, hi = handle.batch_range
         outputs = []
-        for i in range(0, len(x), hi):
-            chunk = x[i:i + hi]
-            n = len(chunk)
-            if n < lo:
-                chunk = np.resize(chunk, (lo,) + chunk.shape[1:])
+        for chunk, n in padded_chunks(x, hi, lo):
             host_in, host_out = handle.prepare(chunk)
             handle.infer(host_in, host_out)
             outputs.append(host_out[:n].astype(np.float32, copy=True))
