@@ -181,7 +181,12 @@ def markdown(cols: list[dict], ort_rows: list[dict], meta: dict) -> str:
              "| " + " | ".join("-" if c["min_agreement"] is None else f"agree >= {100 * c['min_agreement']:.2f}%"
                                for c in cols) + " |",
              "| " + " | ".join(", ".join(f"{s:.0f} s" for s in c["train_seconds"] if s is not None) or "-"
-                               for c in cols) + " |", ""]
+                               for c in cols) + " |", "",
+             "Rows: test accuracy through ONNX Runtime on all 10,000 test images (mean and min..max over seeds); "
+             "seeds; the lowest ORT/PyTorch top-1 agreement over those images; each cell's training wall time "
+             "(PTQ: calibration). Cells of one method and seed share a float phase: every cell after the first bit "
+             "width of its sweep (8 bits for seed 0, 4 bits for the other seeds) starts from that cell's float "
+             "student, so its time is QAT only.", ""]
     lines += ["ONNX Runtime quantize_static of the same fp32 student (QDQ, per-channel, "
               f"{ort_rows[0]['calib_samples'] if ort_rows and 'calib_samples' in ort_rows[0] else 1024} calibration images):", ""]
     for r in ort_rows:
@@ -191,8 +196,16 @@ def markdown(cols: list[dict], ort_rows: list[dict], meta: dict) -> str:
     lines += ["", "QAT epoch / float epoch (medians, same run): " + (", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
                                                                  or "-")]
     lines += ["", f"Machine: {meta['cpu']} ({meta['cores']} cores, int8 flags: {meta['int8_flags']}); "
-              f"teacher {meta.get('teacher_accuracy')} in {meta.get('teacher_seconds')} s."]
+              f"teacher {_pct(meta.get('teacher_accuracy'))} in {_secs(meta.get('teacher_seconds'))}."]
     return "\n".join(lines) + "\n"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _secs(v) -> str:
+    return "-" if v is None else f"{v:.0f} s"
 
 
 def plot(cols: list[dict], path: Path) -> None:
@@ -253,7 +266,7 @@ def main() -> int:
             "teacher_accuracy": tm.get("accuracy"), "teacher_seconds": tm.get("seconds"),
             "script_seconds_this_invocation": time.time() - started}
     # QAT step cost: median QAT epoch / median float epoch of the same run (same process, same data)
-    meta["qat_over_float_epoch"] = {r["cell"] + f"-s{r['seed']}": round(r["phase_seconds"]["qat"]["median_epoch_s"]
+    meta["qat_over_float_epoch"] = {r["cell"] + ("" if r["cell"].endswith(f"-s{r['seed']}") else f"-s{r['seed']}"): round(r["phase_seconds"]["qat"]["median_epoch_s"]
                                                                     / r["phase_seconds"]["float"]["median_epoch_s"], 2)
                                     for r in rows if {"float", "qat"} <= set(r.get("phase_seconds") or {})}
     cols = summarise(rows)

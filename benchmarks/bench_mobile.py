@@ -84,7 +84,7 @@ def run_model(args, name: str, work: Path) -> dict:
     t0 = time.time()
     float_pt = Path(args.float_from) / f"{name.replace(':', '_')}.pt" if args.float_from else None
     row = {"model": name, "label": args.label, "params": sum(p.numel() for p in build(name).parameters())}
-    for bits in (8, 4):
+    for bits in args.bits:
         m = _distill(args, name, bits, work, float_pt)
         if float_pt is None:  # the first cell trained the float student: every other cell starts from it
             float_pt = work / f"{name.replace(':', '_')}.pt"
@@ -116,14 +116,23 @@ def write(rows: list[dict], budget: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "mobile.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
-    keep = [r for r in old if (r["model"], r["label"]) not in {(n["model"], n["label"]) for n in rows}]
-    allrows = keep + rows
+    allrows = list(old)
+    for row in rows:  # a later run of the same model and code adds its cells to the row (e.g. --bits 2)
+        same = next((r for r in allrows if (r["model"], r["label"]) == (row["model"], row["label"])), None)
+        if same is None:
+            allrows.append(row)
+        else:
+            same.update({k: v for k, v in row.items() if k != "seconds"})
+            same["seconds"] = same.get("seconds", 0) + row["seconds"]
     path.write_text(json.dumps({"budget": budget, "rows": allrows}, indent=1) + "\n")
-    lines = [f"Budget: {budget['text']}", "", "| model | params | quantizer | fp32 | W8A8 | W4A4 | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    cells = [f"W{b}A{b}" for b in (8, 4, 2) if any(f"W{b}A{b}" in r for r in allrows)]
+    lines = [f"Budget: {budget['text']}", "", "| model | params | quantizer | fp32 | " + " | ".join(cells)
+             + " | seconds |", "|---|---|---|---|" + "---|" * len(cells) + "---|"]
     for r in allrows:
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['label']} | {r['fp32']:.2%} | {r['W8A8']:.2%} | "
-                     f"{r['W4A4']:.2%} | {r['seconds']:.0f} |")
+        acc = " | ".join(f"{r[c]:.2%}" if c in r else "-" for c in cells)
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['label']} | {r['fp32']:.2%} | {acc} | {r['seconds']:.0f} |")
+    lines += ["", "QAT loss per epoch: " + "; ".join(f"{r['model']} {r['label']} {c}: {r[c + '_qat_loss']}"
+                                                     for r in allrows for c in cells if c + "_qat_loss" in r)]
     (RESULTS / "mobile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -138,6 +147,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="QAT epochs of every quantized cell")
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bits", type=lambda v: [int(b) for b in v.split(",")], default=[8, 4],
+                   help="bit widths of the QAT cells (W=A), e.g. 8,4,2")
     p.add_argument("--float-from", help="folder of MODEL.pt float students written by an earlier run")
     p.add_argument("--work", default="runs/bench_mobile")
     args = p.parse_args()
