@@ -42,6 +42,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from edgekd.config.options import DEFAULT_STUDENT
 from tests.test_bad_input import _save_teacher, assert_user_error, run, run_dir
 from tests.test_bench import make_bundle
 
@@ -349,7 +350,7 @@ def all_of(*setups):
 
 E = ["export", "run"]
 OW = "--overwrite"
-DEFAULT_RUN = "runs/digits-cnn-student-w7a8-hinton"  # distill's default --out on digits for the cpu target
+DEFAULT_RUN = f"runs/digits-{DEFAULT_STUDENT}-w7a8-hinton"  # distill's default --out on digits for the cpu target
 
 # (id, setup, argv ({cwd}: the absolute current directory), fragments of the one error line)
 PATH_CASES = [
