@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--distill-epochs", type=int, default=4, help="float KD epochs, then as many QAT epochs")
-    parser.add_argument("--student", default="cnn-student", help="a student under 100k parameters")
+    parser.add_argument("--student", default="cnnfc-student", help="a student under 100k parameters")
     parser.add_argument("--bits", default="8,4")
     parser.add_argument("--target", default="cpu")
     parser.add_argument("--normalize", default="0.286/0.353", help="MEAN/STD of the training images (Fashion-MNIST's)")
