@@ -32,6 +32,7 @@ import torch
 
 from edgekd import catalog, models, quant
 from edgekd.export import onnx as export
+from edgekd.backends import get_runner
 from edgekd.backends import onnxruntime as ortb
 from edgekd.core.fsutil import write_json
 
@@ -75,7 +76,8 @@ def check(cell: dict, shape, samples: int) -> None:
     x = torch.randn(samples, *shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = cell["torch"](x).numpy()
-    got = get_backend("onnxruntime").infer(cell["path"], x.numpy(), threads=2)
+    runner = get_runner("onnxruntime")
+    got = runner.run(runner.load(cell["path"], threads=2), x.numpy())
     fusion = ortb.fusion_report(cell["path"])
     cell.update(float_compute=fusion["float_compute"], quantized_compute=fusion["quantized_compute"],
                 float_ops=fusion["float_ops"], agreement=float((want.argmax(1) == got.argmax(1)).mean()),

@@ -78,7 +78,7 @@ def _corrupt(tmp_path):
 
 
 def test_corrupt_image_is_an_error_naming_it(tmp_path):
-    bad = _corrupt(tmp_path)
+    _corrupt(tmp_path)
     with pytest.raises(ConfigError, match="3.png") as e:
         folder(tmp_path / "t")  # auto normalization decodes the training images
     assert "--skip-bad-images" in e.value.one_line()

@@ -15,7 +15,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from edgekd import api, bench
+from edgekd import bench
 from edgekd.bench import report
 from edgekd.pipeline import deploy, sweep
 from edgekd.pipeline import distill as distill_stage
