@@ -72,18 +72,28 @@ def _os_error(path: Path, e: OSError) -> EdgekdError:
 
 # --- atomic writes ----------------------------------------------------------------------------------
 
+def _staging(path: Path, folder: bool) -> Path:
+    """A new hidden temporary file or folder next to ``path`` (``.NAME.xxxx.tmp``), with the
+    permissions the user's umask gives, for an atomic write of ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+        _user_mode(tmp, folder=folder)
+    except OSError as e:
+        raise _os_error(path, e) from None
+    return tmp
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp)
-        _user_mode(tmp, folder=False)
-    except OSError as e:
-        raise _os_error(path, e) from None
+    tmp = _staging(path, folder=False)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -131,12 +141,7 @@ def _json_default(o):
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``path`` (the old one is kept until then)."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        _user_mode(tmp, folder=True)
-    except OSError as e:
-        raise _os_error(path, e) from None
+    tmp = _staging(path, folder=True)
     try:
         yield tmp
         old = None
