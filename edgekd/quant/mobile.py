@@ -51,9 +51,9 @@ SMOOTH_METHODS = ("sigmoid", "tanh")
 # Mish >= -0.31, sigmoids >= 0) with a long positive tail, like ReLU's (listed too: a product of a ReLU
 # branch and a gate is one-sided as well).
 ONE_SIDED_MODULES = (nn.Hardswish, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardsigmoid, nn.Mish, nn.Softplus,
-                       nn.ReLU, nn.ReLU6)
+                     nn.ReLU, nn.ReLU6)
 ONE_SIDED_FUNCTIONS = (F.hardswish, F.silu, F.gelu, F.sigmoid, torch.sigmoid, F.hardsigmoid, F.mish,
-                         F.softplus, F.relu, torch.relu, F.relu6)
+                       F.softplus, F.relu, torch.relu, F.relu6)
 # Ops that keep a one-sided value one-sided.
 PASS_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity,
                 nn.Dropout)
@@ -115,31 +115,32 @@ def _replace(gm, node, act_quant) -> None:
     gm.add_submodule(node.target, qnn.QuantIdentity(act_quant=act_quant, return_quant_tensor=True))
 
 
-def after_smooth_percentile(bits: int) -> float:
-    """Percentile of the first batches an activation scale after a smooth activation starts from.
+def after_smooth_percentile(bits: int) -> float | None:
+    """Percentile of the first batches an activation scale after a smooth activation starts from
+    (None: the one every activation scale starts from, ``quant.brevitas.act_init_percentile``).
     Hardswish/SiLU outputs pile up in [-0.375, 1] with a long positive tail: the 99.999th percentile
     (about the maximum, right at 8 bits) leaves most values on two or three levels at 4 bits.
     Measured (the Hardswish/SE model of the module docstring, right after quantization, W4A4, 8-bit
     pre-activation requantizers): 99.999th 58.5%, 99.99th 70.2%, 99.9th 83.3%, 99.5th 80.2%, 99th
     76.6% (float 90.3%); at W8A8 the 99.9th costs 0.6 point against the 99.999th. 5 to 7 bits take
-    the 99.99th (between the measured points, not measured themselves); 2 bits the 99th, as elsewhere."""
-    if bits <= 2:
-        return 99.0
-    return 99.9 if bits <= 4 else 99.99 if bits < 8 else 99.999
+    the 99.99th (between the measured points, not measured themselves); 2 and 8 bits the general one."""
+    if bits <= 2 or bits >= 8:
+        return None
+    return 99.9 if bits <= 4 else 99.99
 
 
 def rewrite(gm, spec, act_quant) -> int:
     """Quantizers around smooth activations in quantized graph module ``gm``, in place:
     ``act_quant(bits, signed, percentile)`` builds an activation quantizer with ``spec``'s
     conventions. Returns how many quantizers were replaced (0 in a graph without such activations)."""
-    if not any(is_smooth(gm, n) for n in gm.graph.nodes):
-        return 0
+    if spec.act_bits >= PRE_ACTIVATION_BITS or not any(is_smooth(gm, n) for n in gm.graph.nodes):
+        return 0  # at 8-bit activations the graph stays the one Brevitas builds
     changed = 0
     for node in _quant_identities(gm):
         users = list(node.users)
-        if spec.act_bits < PRE_ACTIVATION_BITS and users and all(is_smooth(gm, u) for u in users):
+        if users and all(is_smooth(gm, u) for u in users):
             _replace(gm, node, act_quant(PRE_ACTIVATION_BITS, True, None))
-        elif spec.act_bits < 8 and node.args and _after_smooth(gm, node.args[0]):
+        elif node.args and _after_smooth(gm, node.args[0]):
             _replace(gm, node, act_quant(spec.act_bits, _module(gm, node).act_quant.is_signed,
                                          after_smooth_percentile(spec.act_bits)))
         else:
