@@ -2,7 +2,7 @@
 
 One resumable command builds the whole table with edgekd's own defaults (the ones `edgekd distill`
 uses): the default teacher (cnnfc-teacher) trained once, the default student (cnnfc-student,
-64k parameters), 12 float + 4 QAT epochs, Hinton KD at T=4, alpha=0.9.
+64k parameters), 12 float epochs, then 4 QAT epochs (8 at 2 bits), Hinton KD at T=4, alpha=0.9.
 
     nice python benchmarks/bench_accuracy.py [--root runs/bench-accuracy] [--seeds 0,1,2] [--parallel]
 
@@ -10,12 +10,16 @@ The numbers in the README were made with OMP_NUM_THREADS=1 and --parallel on a 2
 
 Stages (each skipped when its result is on disk, so an interrupted run resumes where it stopped):
   1. `edgekd train --data fashion-mnist` -> ROOT/teacher (seed 0, shared by every cell)
-  2. `edgekd sweep --bits 8,4,2 --methods none,hinton,ptq --reference --seed 0` -> ROOT/seed0
+  2. `edgekd sweep --bits 8,4 --methods none,hinton,ptq --reference --seed 0` -> ROOT/seed0
      (none = QAT alone from a float CE student; hinton = KD+QAT; ptq = Brevitas PTQ of the
      CE float student; fp32 = that float student exported unquantized)
-  3. `edgekd sweep --bits 4,2 --methods none,hinton --seeds 1,2` -> ROOT/more-seeds
-  4. ONNX Runtime's own quantize_static of the fp32 bundle's model (QDQ, per-channel weights,
+  3. `edgekd sweep --bits 4 --methods none,hinton --seeds 1,2` -> ROOT/more-seeds
+  4. `edgekd sweep --bits 2 --methods M --seeds 0,1,2` -> ROOT/w2-none and ROOT/w2-hinton (2-bit
+     cells get their own QAT epoch default, so they are sweeps of their own; each cell trains its
+     float phase, the same 12 epochs as stage 2's)
+  5. ONNX Runtime's own quantize_static of the fp32 bundle's model (QDQ, per-channel weights,
      1,024 training images for calibration; MinMax, Entropy, Percentile at 8 bits, MinMax at 4 bits).
+With --parallel, stages 2 and 3 run side by side, then the two sweeps of stage 4.
 Every accuracy is through ONNX Runtime on all 10,000 test images (the manifest's
 runtime_accuracy_full); the top-1 agreement with PyTorch is over the same 10,000 images.
 Writes benchmarks/results/accuracy.{json,md,png}.
@@ -85,12 +89,18 @@ def cell_record(root: Path, name: str, method: str, bits: int, seed: int) -> dic
 
 def collect(root: Path, seeds: list[int]) -> list[dict]:
     rows = []
+    tagged = len(seeds) > 1  # a sweep over one seed leaves the seed out of the names
     for method, bits in COLUMNS:
         base = "fp32" if method == "fp32" else f"bits{bits}-{method}"
+        if bits == 2:
+            for s in seeds:
+                r = cell_record(root / f"w2-{method}", f"{base}-s{s}" if tagged else base, method, bits, s)
+                rows += [r] if r else []
+            continue
         r = cell_record(root / "seed0", base, method, bits, 0)
         rows += [r] if r else []
-        if method in ("none", "hinton") and bits in (4, 2):
-            for s in seeds[1:]:  # a sweep over one seed leaves the seed out of the names
+        if method in ("none", "hinton") and bits == 4:
+            for s in seeds[1:]:
                 name = f"{base}-s{s}" if len(seeds) > 2 else base
                 r = cell_record(root / "more-seeds", name, method, bits, s)
                 rows += [r] if r else []
@@ -252,11 +262,15 @@ def main() -> int:
     if not args.collect_only:
         if not (teacher / "model.pt").is_file():
             edgekd("train", "--data", args.data, "--out", teacher, "-q", *(["--epochs", 1] if args.smoke else []))
-        procs = [edgekd("sweep", *common, "--bits", "8,4,2", "--methods", "none,hinton,ptq", "--reference", "--seed",
+        procs = [edgekd("sweep", *common, "--bits", "8,4", "--methods", "none,hinton,ptq", "--reference", "--seed",
                         seeds[0], "--out", root / "seed0", wait=not args.parallel)]
         if len(seeds) > 1:
-            procs.append(edgekd("sweep", *common, "--bits", "4,2", "--methods", "none,hinton", "--seeds",
+            procs.append(edgekd("sweep", *common, "--bits", "4", "--methods", "none,hinton", "--seeds",
                                 ",".join(map(str, seeds[1:])), "--out", root / "more-seeds", wait=not args.parallel))
+        if any(p.wait() != 0 for p in procs):
+            raise SystemExit("a sweep failed; run the same command again to resume")
+        procs = [edgekd("sweep", *common, "--bits", "2", "--methods", method, "--seeds", ",".join(map(str, seeds)),
+                        "--out", root / f"w2-{method}", wait=not args.parallel) for method in ("none", "hinton")]
         if any(p.wait() != 0 for p in procs):
             raise SystemExit("a sweep failed; run the same command again to resume")
     rows = collect(root, seeds)

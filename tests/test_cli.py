@@ -63,3 +63,21 @@ def test_train_command(tmp_path):
     result = run("train", "--epochs", 1, "--arch", "cnn-student", "--out", tmp_path / "t", "-q")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "t" / "model.pt").is_file() and "test accuracy" in result.output
+
+
+@pytest.mark.parametrize("bits, weight_bits, act_bits, epochs", [(None, 2, 8, 8), (None, 8, 3, 8), (4, 4, 4, 4),
+                                                                 (None, 4, 8, 4)])
+def test_default_qat_epochs_follow_the_lowest_bits(bits, weight_bits, act_bits, epochs):
+    from edgekd.config.options import qat_epochs
+
+    assert qat_epochs(None, weight_bits, act_bits) == epochs
+    assert qat_epochs(5, weight_bits, act_bits) == 5  # given: kept
+
+
+def test_two_bit_distill_trains_eight_qat_epochs_by_default(tmp_path):
+    result = run("distill", "--bits", 2, "--method", "none", "--float-epochs", 0,
+                 "--out", tmp_path / "w2", "-q")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "w2" / "metrics.json").read_text())
+    assert metrics["epochs"] == 8
+    assert [h["epoch"] for h in metrics["history"] if h.get("phase") == "qat"] == list(range(1, 9))

@@ -107,7 +107,7 @@ def _sweep_columns():
 @click.option("--profile", metavar="NAME|FILE.toml", help="Device profile: bench settings and budgets.")
 @click.option("--teacher", help="Teacher checkpoint file or architecture [default: cnnfc-teacher].")
 @c.flag("student")
-@c.flag("epochs", help="QAT epochs per cell.")
+@c.flag("epochs", help="QAT epochs per cell [default: each cell's, by its bits: 4, or 8 at 3 bits or fewer].")
 @c.flag("float_epochs")
 @c.flag("teacher_epochs", help="Epochs when the teacher has to be trained first (once, shared by the cells).")
 @c.seed_opt

@@ -45,6 +45,7 @@ def flag(name: str, *decls: str, **overrides):
     if o.choices:
         settings["type"] = click.Choice([str(c) for c in o.choices])
     settings.update(overrides)
+    settings["show_default"] = settings["default"] is not None
     spellings = decls if any(d.startswith("--") for d in decls) else (o.flag, *decls)
     return click.option(*spellings, name, **settings)
 

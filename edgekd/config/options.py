@@ -22,6 +22,8 @@ SAME = "same"  # first/last layers at the same bits as the rest: the one spellin
 DEFAULT_TEACHER = "cnnfc-teacher"
 DEFAULT_STUDENT = "cnnfc-student"
 DEFAULT_TARGET = "onnxruntime-cpu"
+# QAT epochs when --epochs is not given: 2-bit cells were still rising after 4 (README: Defaults, and why)
+QAT_EPOCHS, QAT_EPOCHS_LOW_BITS, LOW_BITS = 4, 8, 3
 MAX_LOSS_TERMS = 64  # a recipe with more terms is refused (each term runs on every step)
 
 
@@ -131,7 +133,8 @@ OPTIONS: dict[str, Opt] = {o.name: o for o in [
     Opt("config", None, str, "Recipe: [[loss]] terms with weights, and any distill option as a top-level key.",
         nullable=True, metavar="FILE.toml"),
     # --- schedule ---
-    Opt("epochs", 4, int, "QAT epochs.", lo=1),
+    Opt("epochs", None, int, f"QAT epochs [default: {QAT_EPOCHS}; {QAT_EPOCHS_LOW_BITS} when weights or activations "
+        f"have {LOW_BITS} bits or fewer].", lo=1, nullable=True),
     Opt("float_epochs", 12, int, "Float KD epochs before QAT (0: QAT from scratch).", lo=0),
     Opt("teacher_epochs", 10, int, "Epochs when the teacher has to be trained first.", lo=1),
     # the teacher's recipe (edgekd train, and the teacher distill trains when none is given), measured on
@@ -216,6 +219,14 @@ def _check_number(opt: Opt, value, label: str) -> None:
         raise ConfigError(f"{label} must be {opt.bound_text()}{suffix}, got {value!r}")
 
 
+def qat_epochs(epochs: int | None, weight_bits: int, act_bits: int) -> int:
+    """The QAT epochs of a run: ``epochs`` when given, else QAT_EPOCHS, or QAT_EPOCHS_LOW_BITS when the
+    weights or the activations have LOW_BITS or fewer."""
+    if epochs is not None:
+        return epochs
+    return QAT_EPOCHS_LOW_BITS if min(weight_bits, act_bits) <= LOW_BITS else QAT_EPOCHS
+
+
 def check_bits(weight_bits, act_bits, weight_label="--weight-bits", act_label="--act-bits") -> tuple[int, int]:
     check("weight_bits", weight_bits, weight_label)
     check("act_bits", act_bits, act_label)
@@ -269,7 +280,7 @@ class DistillOptions(ReadOptions):
     method: str = default("method")  # a name in kd.LOSSES; ignored when ``loss`` (a recipe) is given
     temperature: float = default("temperature")  # hinton only (other methods: params)
     alpha: float = default("alpha")  # hinton only
-    epochs: int = default("epochs")  # QAT epochs
+    epochs: int | None = default("epochs")  # QAT epochs; None: qat_epochs() of the bits
     float_epochs: int = default("float_epochs")  # float KD epochs first (order float-first)
     teacher_epochs: int = default("teacher_epochs")
     lr: float = default("lr")

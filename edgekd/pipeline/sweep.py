@@ -42,7 +42,7 @@ class SweepOptions:
     target: str = "onnxruntime-cpu"
     student: str = op.DEFAULT_STUDENT
     teacher: str | None = None
-    epochs: int = op.default("epochs")
+    epochs: int | None = op.default("epochs")  # None: each cell's default for its bits (config.options.qat_epochs)
     float_epochs: int = op.default("float_epochs")
     teacher_epochs: int = op.default("teacher_epochs")
     seed: int = 0
@@ -67,11 +67,17 @@ class SweepOptions:
             out += [Cell(32, "fp32", seed, tagged)] if self.reference else []
         return out
 
+    def qat_epochs(self) -> int | dict:
+        """The QAT epochs of the trained cells: one number, or per bit width ({"2": 8, "4": 4}) when the
+        default differs between them (what a resume must keep)."""
+        per = {str(b): op.qat_epochs(self.epochs, b, b) for b in self.bits if b < 32}
+        return next(iter(per.values())) if len(set(per.values())) <= 1 and per else per
+
     def recipe(self) -> dict:
         from ..data.options import DataOptions
 
         record = DataOptions(**self.read).record()
-        return {k: v for k, v in asdict(self).items() if k in RECIPE_KEYS} | {
+        return {k: v for k, v in asdict(self).items() if k in RECIPE_KEYS} | {"epochs": self.qat_epochs(),
             "data_options": record if record != DataOptions().record() else None,
             "seeds": list(self.seeds) if self.seeds else None, "config": self.config}
 
