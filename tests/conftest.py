@@ -33,3 +33,15 @@ def tiny_run(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return root / "run", metrics
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _image_cache_in_a_temporary_folder(tmp_path_factory):
+    """Decoded-image caches (data.decoded) go to a folder of this session, not the user's ~/.cache."""
+    old = os.environ.get("EDGEKD_CACHE_DIR")
+    os.environ["EDGEKD_CACHE_DIR"] = str(tmp_path_factory.mktemp("edgekd-cache"))
+    yield
+    if old is None:
+        os.environ.pop("EDGEKD_CACHE_DIR", None)
+    else:
+        os.environ["EDGEKD_CACHE_DIR"] = old

@@ -266,6 +266,7 @@ CASES = [
     case("augment-crop-on-digits", None, ["distill", "--augment", "crop+flip"], ["crop+flip", "--augment flip"]),
     case("channels-2", None, ["distill", "--channels", "2"], ["--channels", "2"]),
     case("workers-negative", None, ["distill", "--workers", "-1"], ["--workers", "-1"]),
+    case("image-cache-unknown", None, ["distill", "--image-cache", "always"], ["--image-cache", "always"]),
     case("arch-equals-nothing", None, ["distill", "--teacher", "torchvision:resnet18="], ["needs both"]),
     case("teacher-weights-not-found", None, ["distill", "--teacher", "torchvision:resnet18=nope.pth"],
          ["nope.pth", "not found"]),

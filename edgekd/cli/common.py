@@ -125,7 +125,7 @@ def data_opts(f):
     for decorator in reversed([
         flag("normalize"), flag("image_size"), flag("channels", type=click.Choice(["1", "3"]),
                                                     callback=lambda ctx, p, v: None if v is None else int(v)),
-        flag("augment"), flag("workers"),
+        flag("augment"), flag("workers"), flag("image_cache"),
         click.option("--skip-bad-images", is_flag=True, help=op.OPTIONS["skip_bad_images"].help)]):
         f = decorator(f)
     return f

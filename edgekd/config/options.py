@@ -93,6 +93,9 @@ OPTIONS: dict[str, Opt] = {o.name: o for o in [
     Opt("workers", 2, int, "Image folders: DataLoader worker processes decoding images (0: in this process).", lo=0),
     Opt("skip_bad_images", False, bool, "Image folders: skip unreadable images (counted in metrics.json) instead "
         "of stopping."),
+    Opt("image_cache", "auto", str, "Image folders: decode each split once into a uint8 cache under "
+        "$EDGEKD_CACHE_DIR (default ~/.cache/edgekd) and read it memory-mapped: auto (splits up to 4 GiB "
+        "decoded), on, or off (decode every epoch).", choices=("auto", "on", "off")),
     Opt("force", False, bool, "Distill even when the teacher's test accuracy is near chance."),
     Opt("eval_samples", 2000, int, "Test images stored in the bundle's eval.npz (a seeded, stratified sample) for "
         "parity and on-device accuracy; the whole test split is measured at export.", lo=1),
@@ -250,6 +253,7 @@ class ReadOptions:
     augment: str | None = default("augment")
     workers: int = default("workers")
     skip_bad_images: bool = default("skip_bad_images")
+    image_cache: str = default("image_cache")
 
 
 @dataclass

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import ConfigError, MissingFileError
+from ..core.errors import ConfigError, EdgekdError, MissingFileError
+from . import decoded
+from .decoded import normalized
 from .splits import split_indices
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -37,6 +39,7 @@ class FolderOptions:
     augment: str = "crop+flip"
     workers: int = 2
     skip_bad_images: bool = False
+    image_cache: str = "auto"  # auto | on | off (data.decoded)
 
 
 @dataclass
@@ -52,22 +55,31 @@ class Transform:
     augment: str = "none"
 
     def __call__(self, path: str, rng: np.random.Generator | None = None) -> np.ndarray:
+        return normalized(self.decode(path, rng), self.mean, self.std)
+
+    def decode(self, path: str, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The file's pixels through this geometry (``rng``: a random resized crop), uint8 (C, H, W)."""
         from PIL import Image
 
         with Image.open(path) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-            if rng is not None and self.augment == "crop+flip":
-                im = _random_resized_crop(im, self.size, rng)
-            elif self.resize is not None:
-                im = _resize_center_crop(im, self.resize, self.size)
-            elif im.size != (self.size[1], self.size[0]):
-                raise ConfigError(f"{path} is {im.size[0]}x{im.size[1]}, the others {self.size[1]}x{self.size[0]}",
-                                  "pass --image-size N to resize every image")
-            a = np.asarray(im, dtype=np.float32) / 255.0
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-        mean = np.asarray(self.mean, np.float32)[:, None, None]
-        std = np.asarray(self.std, np.float32)[:, None, None]
-        return np.ascontiguousarray((a - mean) / std)
+            return self.pixels(im, rng, path)
+
+    def pixels(self, im, rng: np.random.Generator | None = None, path: str = "") -> np.ndarray:
+        """An open PIL image through this geometry, uint8 (C, H, W)."""
+        im = im.convert("L" if self.channels == 1 else "RGB")
+        if rng is not None and self.augment == "crop+flip":
+            im = _random_resized_crop(im, self.size, rng)
+        elif self.resize is not None:
+            im = _resize_center_crop(im, self.resize, self.size)
+        elif im.size != (self.size[1], self.size[0]):
+            raise ConfigError(f"{path} is {im.size[0]}x{im.size[1]}, the others {self.size[1]}x{self.size[0]}",
+                              "pass --image-size N to resize every image")
+        a = np.asarray(im, dtype=np.uint8)
+        return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+    def geometry(self) -> dict:
+        """What decides the pixels before normalization (the decoded-image cache's key)."""
+        return {"size": list(self.size), "channels": self.channels, "resize": self.resize}
 
     def describe(self) -> dict:
         return {"resize_shorter_side": self.resize, "center_crop": list(self.size), "channels": self.channels,
@@ -102,7 +114,8 @@ def _random_resized_crop(im, size: tuple[int, int], rng: np.random.Generator):
 
 @dataclass
 class FolderSplit:
-    """One split of an image folder: the files and their labels; images are decoded on demand."""
+    """One split of an image folder: the files and their labels; images are decoded on demand, or read
+    from the decoded-image cache (data.decoded) once ``prepare`` has made or found it."""
 
     files: list[str]
     y: np.ndarray  # int64 (N,)
@@ -110,6 +123,9 @@ class FolderSplit:
     train_transform: Transform | None = None
     skip_bad: bool = False
     bad: set = field(default_factory=set)  # files that failed to decode (with skip_bad)
+    cache_mode: str = "auto"  # --image-cache
+    cache: decoded.DecodedImages | None = None  # this split's pixels, row i = file i
+    note: str | None = None  # why there is no cache (after prepare)
 
     lazy = True
     workers: int = 0  # DataLoader worker processes that decode this split
@@ -122,37 +138,117 @@ class FolderSplit:
         """Training takes random crops (the teacher's inputs are not known in advance)."""
         return self.train_transform is not None and self.train_transform.augment == "crop+flip"
 
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
     def subset(self, idx) -> "FolderSplit":
-        idx = np.asarray(idx)
+        idx = np.asarray(idx, dtype=np.int64)
         part = FolderSplit([self.files[i] for i in idx], self.y[idx], self.transform, self.train_transform,
-                           self.skip_bad, self.bad)
+                           self.skip_bad, self.bad, self.cache_mode)
+        if self.cache is not None:
+            part.cache = decoded.DecodedImages(self.cache.path, self.cache.shape, self.cache.ok, rows=self.cache.rows[idx])
         part.workers = self.workers
         return part
+
+    def prepare(self) -> bool:
+        """Find or make this split's decoded-image cache (``--image-cache``); True when the split is cached.
+        Unreadable files stop here (or are counted, with --skip-bad-images)."""
+        if self.cache is not None or self.note is not None:
+            return self.cache is not None
+        t = self.transform
+        shape = (len(self.files), t.channels, *t.size)
+        self.note = decoded.why_not(self.cache_mode, int(np.prod(shape)), decoded.cache_dir())
+        if self.note is not None:
+            return False
+        key = decoded.cache_key(self.files, t.geometry())
+        self.cache = decoded.open_cached(key, shape) or decoded.build(key, shape, _Decode(self.files, t, self.skip_bad),
+                                                                      self.workers)
+        for row in np.flatnonzero(~self.cache.ok):
+            self._unreadable(int(row), None)
+        return True
+
+    def cache_line(self, crops: bool = False) -> str:
+        """One log line: where this split's images come from (after prepare)."""
+        if self.cache is None:
+            return f"decoded-image cache off ({self.note}): images decoded every epoch"
+        how = "random crops taken from it" if crops else "read memory-mapped"
+        if crops and self.train_transform.resize is not None:
+            how = "training decodes the files for its random resized crops (--augment flip reads the cache)"
+        return f"decoded-image cache {self.cache.path} ({self.cache.nbytes / 2**20:.1f} MB): {how}"
 
     def load(self, i: int, rng: np.random.Generator | None = None) -> np.ndarray | None:
         """Sample ``i`` through the eval transform (``rng``: the training one); None for a bad file
         that is skipped."""
         transform = self.train_transform if rng is not None else self.transform
+        crop = rng is not None and transform.augment == "crop+flip"
+        if self.cache is not None and (not crop or transform.resize is None):
+            if not self.cache.ok[self.cache.rows[i]]:
+                return self._unreadable(i, None)
+            pixels = self.cache.array[self.cache.rows[i]]
+            if crop:  # the cache holds the images as stored: crop them as if decoded
+                pixels = transform.pixels(_as_image(pixels), rng, self.files[i])
+            return normalized(pixels, transform.mean, transform.std)
         try:
             return transform(self.files[i], rng)
-        except ConfigError:
+        except EdgekdError:
             raise
         except Exception as e:  # PIL's UnidentifiedImageError, OSError (truncated), ...
-            if not self.skip_bad:
-                raise ConfigError(f"cannot read image {self.files[i]}: {type(e).__name__}: {e}",
-                                  "remove or fix the file, or pass --skip-bad-images") from None
-            self.bad.add(self.files[i])
-            return None
+            return self._unreadable(i, e)
+
+    def _unreadable(self, i: int, e: Exception | None) -> None:
+        if not self.skip_bad:
+            why = f"{type(e).__name__}: {e}" if e is not None else "it could not be decoded"
+            raise ConfigError(f"cannot read image {self.files[i]}: {why}",
+                              "remove or fix the file, or pass --skip-bad-images") from None
+        self.bad.add(self.files[i])
+        return None
 
     def take(self, idx) -> np.ndarray:
         """The eval-transformed images at ``idx`` (a bad, skipped file gives zeros), float32 NCHW."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.cache is not None:
+            rows = self.cache.rows[idx]
+            x = normalized(self.cache.array[rows], self.transform.mean, self.transform.std)
+            x[~self.cache.ok[rows]] = 0.0
+            return x
         images = [self.load(int(i)) for i in idx]
         shape = (self.transform.channels, *self.transform.size)
         return np.stack([a if a is not None else np.zeros(shape, np.float32) for a in images])
 
+    def readable(self, idx) -> np.ndarray:
+        """Which of ``idx`` can be read (a cached split knows without decoding; others: all)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return self.cache.ok[self.cache.rows[idx]] if self.cache is not None else np.ones(len(idx), bool)
+
     @property
     def x(self):
         raise AttributeError("an image-folder split is decoded lazily; use take(idx) or a loader")
+
+
+class _Decode:
+    """Row i of a split's files -> its uint8 pixels, None when unreadable and skipped, or the error's
+    (message, hint): a worker process cannot raise edgekd's one-line errors through a DataLoader."""
+
+    def __init__(self, files: list[str], transform: Transform, skip_bad: bool):
+        self.files, self.transform, self.skip_bad = files, transform, skip_bad
+
+    def __call__(self, i: int):
+        try:
+            return self.transform.decode(self.files[i])
+        except EdgekdError as e:
+            return e.message, e.hint
+        except Exception as e:
+            if self.skip_bad:
+                return None
+            return (f"cannot read image {self.files[i]}: {type(e).__name__}: {e}",
+                    "remove or fix the file, or pass --skip-bad-images")
+
+
+def _as_image(pixels: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(np.ascontiguousarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)))
 
 
 def scan(root: Path) -> tuple[list[str], dict[str, tuple[list[str], np.ndarray]]]:
@@ -267,6 +363,7 @@ def load_imagefolder(root: Path, seed: int, options: FolderOptions, normalize: s
     train_t = Transform(size, channels, mean, std, options.image_size, options.augment)
     for s in (split, val, test):
         s.transform, s.train_transform, s.workers = eval_t, train_t, options.workers
+        s.cache_mode = decoded.check_mode(options.image_cache)
     meta = {"input_shape": [channels, *size], "transform": eval_t.describe(), "augment": options.augment,
             "root": str(root), "files": {"train": len(split), "val": len(val), "test": len(test)}}
     return Dataset(f"imagefolder:{root}", split, val, test, classes, mean, std,

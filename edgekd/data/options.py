@@ -3,7 +3,7 @@ folders (size, channels, augmentation, decoding workers, bad files).
 
 ``DataOptions`` travels with a run: ``record()`` is what the run's and the bundle's metadata keep
 (``data_options``), so that ``export`` and ``quantize`` read the test split exactly as training
-did; ``workers`` is left out (it changes how fast, not what).
+did; ``workers`` and ``image_cache`` are left out (they change how fast, not what).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 from ..core.errors import ConfigError
 
+HOW_FAST = ("workers", "image_cache")  # change how fast the data is read, not what: not recorded
 FOLDER_ONLY = ("image_size", "channels", "skip_bad_images")  # meaningless for arrays held in memory
 
 
@@ -23,17 +24,18 @@ class DataOptions:
     augment: str | None = None  # crop+flip | flip | none (None: the dataset's default)
     workers: int = 2  # folders: DataLoader worker processes decoding images
     skip_bad_images: bool = False  # folders: skip and count unreadable images instead of stopping
+    image_cache: str = "auto"  # folders: the decoded-image cache, auto | on | off (data.decoded)
 
     def record(self) -> dict:
         """What the run's metadata keeps (everything that decides the pixels the model sees)."""
-        return {k: v for k, v in asdict(self).items() if k != "workers"}
+        return {k: v for k, v in asdict(self).items() if k not in HOW_FAST}
 
     @classmethod
     def from_record(cls, record, workers: int = 0) -> "DataOptions":
         """The options a run recorded (``record()``); a run of an earlier version has none: defaults."""
         if not isinstance(record, dict):
             return cls(workers=workers)
-        known = {f.name for f in fields(cls)} - {"workers"}
+        known = {f.name for f in fields(cls)} - set(HOW_FAST)
         return cls(**{k: v for k, v in record.items() if k in known}, workers=workers)
 
     def folder_options(self):
@@ -42,7 +44,7 @@ class DataOptions:
 
         return FolderOptions(image_size=self.image_size, channels=self.channels,
                              augment=self.augment or "crop+flip", workers=self.workers,
-                             skip_bad_images=self.skip_bad_images)
+                             skip_bad_images=self.skip_bad_images, image_cache=self.image_cache)
 
     def check_in_memory(self, spec: str) -> bool | None:
         """For a dataset held in memory: refuse the folder-only options; the flips ``augment`` asks for

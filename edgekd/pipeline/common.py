@@ -38,7 +38,7 @@ def data_inputs(spec: str) -> list[Path]:
 
 
 # options that change how a run is done, not what it produces: a resumed run may change them
-NOT_DEFINING = ("progress", "workers", "force")
+NOT_DEFINING = ("progress", "workers", "image_cache", "force")
 
 
 def options_dict(opts) -> dict:

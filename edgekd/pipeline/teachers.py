@@ -78,7 +78,7 @@ def _train(opts: TrainOptions, out: Path | None, log: Log, resume: bool | str, t
         + (f" on {dd.world()} processes" if dd.world() > 1 else ""))
     cfg = tr.FitConfig(epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed,
                        flip=data.flip_augment, progress=opts.progress, desc="teacher", device=opts.device, amp=opts.amp,
-                       optimizer=opts.optimizer)
+                       optimizer=opts.optimizer, log=log)
     board = TensorBoard(tensorboard_dir(out), "teacher") if tensorboard and dd.is_main() else None
     if board is not None:
         log(f"tensorboard: events in {board.logdir} (tensorboard --logdir {board.logdir.parent})")

@@ -15,16 +15,39 @@ share under torchrun (every rank draws the same global batch and takes every N-t
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from ..core.errors import ConfigError, EdgekdError
 from . import distributed as dd
 
 
+class Failed(NamedTuple):
+    """An edgekd error met in a DataLoader worker process, sent back to be raised in this one (a worker's
+    exception would come back wrapped in its traceback instead of the one-line error)."""
+
+    message: str
+    hint: str | None
+
+    @classmethod
+    def catching(cls, read):
+        try:
+            return read()
+        except EdgekdError as e:
+            return cls(e.message, e.hint)
+
+    def raise_(self):
+        raise ConfigError(self.message, self.hint)
+
+
 def batches_for(split, batch_size: int, flip: bool, seed: int, workers: int = 0):
-    """The batch source for ``split`` (lazy splits have ``lazy = True``)."""
+    """The batch source for ``split`` (lazy splits have ``lazy = True``; an image folder's split whose
+    decoded-image cache is ready and which takes no random crops is read like arrays in memory)."""
     if getattr(split, "lazy", False):
+        if hasattr(split, "prepare") and split.prepare() and not split.crops:
+            return CachedBatches(split, batch_size, flip)
         return LoaderBatches(split, batch_size, flip, seed, workers)
     return MemoryBatches(split, batch_size, flip)
 
@@ -52,14 +75,47 @@ class MemoryBatches:
         """The first ``n`` training images (un-augmented): probes and shapes."""
         return self.x[:n]
 
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.x[batch]
+
+    def readable(self, batch: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """The positions in ``local`` whose samples can be read (in memory: all)."""
+        return local
+
     def epoch(self, order: torch.Tensor, start: int, epoch: int, gen: torch.Generator, device):
         for step in range(start, self.steps):
             batch = order[step * self.batch_size: (step + 1) * self.batch_size]
-            xb, flipped = flip_rows(self.x[batch], gen) if self.flip else (self.x[batch], None)
+            xb = self.images(batch)
+            xb, flipped = flip_rows(xb, gen) if self.flip else (xb, None)
             local = dd.shard(torch.arange(len(batch)))
             share = len(local) * dd.world() / len(batch)  # DDP averages: weight by this rank's share
+            local = self.readable(batch, local)
+            if not len(local):
+                continue
             flipped = flipped[local] if flipped is not None else None
             yield batch[local], xb[local].to(device), self.y[batch[local]].to(device), flipped, share
+
+
+class CachedBatches(MemoryBatches):
+    """An image folder's split read from its decoded-image cache (data.decoded): each batch gathered
+    from the memory map and normalized in this process, flips drawn as for arrays in memory; the
+    samples of unreadable files (--skip-bad-images) are left out."""
+
+    def __init__(self, split, batch_size: int, flip: bool):
+        self.split, self.source = split, split
+        self.y = torch.from_numpy(split.y)
+        self.ok = torch.from_numpy(split.readable(np.arange(len(split))))
+        self.batch_size, self.flip = batch_size, flip
+        self.steps = math.ceil(len(self.y) / batch_size)
+
+    def head(self, n: int) -> torch.Tensor:
+        return torch.from_numpy(self.split.take(range(min(n, len(self.split)))))
+
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.split.take(batch.numpy()))
+
+    def readable(self, batch: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        return local[self.ok[batch[local]]]
 
 
 class _Samples(torch.utils.data.Dataset):
@@ -74,7 +130,9 @@ class _Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        image = self.split.load(i, rng if self.split.crops else None)
+        image = Failed.catching(lambda: self.split.load(i, rng if self.split.crops else None))
+        if isinstance(image, Failed):
+            return i, image, 0, False
         flipped = bool(self.flip and rng.random() < 0.5)
         if image is not None and flipped:
             image = np.ascontiguousarray(image[:, :, ::-1])
@@ -84,6 +142,9 @@ class _Samples(torch.utils.data.Dataset):
 def _collate(items):
     """(a batch of (index, image, label, flipped), the indices of skipped bad files): images a bad file
     skipped (None) are dropped, and their indices sent back, since a worker process cannot record them."""
+    failed = next((it[1] for it in items if isinstance(it[1], Failed)), None)
+    if failed is not None:
+        return failed, []
     kept = [it for it in items if it[1] is not None]
     bad = [it[0] for it in items if it[1] is None]
     if not kept:
@@ -117,6 +178,8 @@ class LoaderBatches:
         for (_, share), (item, bad) in zip(batches, loader):
             for i in bad:  # recorded here, in the main process (data.imagefolder.FolderSplit.bad)
                 self.split.bad.add(self.split.files[i])
+            if isinstance(item, Failed):
+                item.raise_()
             if item is None:
                 continue
             idx, xb, yb, flipped = item

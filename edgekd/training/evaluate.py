@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import distributed as dd
+from .batches import Failed
 
 
 def as_tensors(split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,10 +30,13 @@ class _EvalSamples(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int):
-        return i, self.split.load(i), int(self.split.y[i])
+        return i, Failed.catching(lambda: self.split.load(i)), int(self.split.y[i])
 
 
 def _collate(items):
+    failed = next((it[1] for it in items if isinstance(it[1], Failed)), None)
+    if failed is not None:
+        return failed
     kept = [it for it in items if it[1] is not None]  # a bad image skipped (--skip-bad-images)
     if not kept:
         return None
@@ -47,9 +51,18 @@ def eval_batches(split, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, t
         for i in range(0, len(x), batch_size):
             yield x[i: i + batch_size], y[i: i + batch_size]
         return
+    if hasattr(split, "prepare") and split.prepare():  # an image folder's decoded-image cache
+        for i in range(0, len(split), batch_size):
+            idx = np.arange(i, min(i + batch_size, len(split)))
+            idx = idx[split.readable(idx)]
+            if len(idx):
+                yield torch.from_numpy(split.take(idx)), torch.from_numpy(split.y[idx])
+        return
     loader = torch.utils.data.DataLoader(_EvalSamples(split), batch_size=batch_size, collate_fn=_collate,
                                          num_workers=getattr(split, "workers", 0))
     for item in loader:
+        if isinstance(item, Failed):
+            item.raise_()
         if item is not None:
             yield item[1], item[2]
 

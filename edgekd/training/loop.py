@@ -31,7 +31,7 @@ from ..kd.teachers import Teachers
 from . import distributed as dd
 from .cache import TeacherCache, teacher_cache
 from .checkpoint import Interrupted, StopSignals
-from .batches import batches_for
+from .batches import LoaderBatches, batches_for
 from .evaluate import accuracy
 
 Log = Callable[[str], None]
@@ -122,6 +122,8 @@ class Phase:
         train = self.data.train
         self.batches = batches_for(train, cfg.batch_size, cfg.flip, cfg.seed, getattr(train, "workers", 0))
         self.steps = self.batches.steps
+        if cfg.log and getattr(train, "cache_line", None):  # an image folder: where its training images come from
+            cfg.log(train.cache_line(crops=isinstance(self.batches, LoaderBatches)))
         for module in (self.model, *self.peers):
             module.to(self.device)
         if self.teacher is not None:

@@ -1,0 +1,176 @@
+"""The decoded-image cache of image folders (``--image-cache``): a split's images decoded once, through
+the geometry of its evaluation transform (resize, centre crop, channels) and before normalization,
+into one uint8 array ``(N, C, H, W)`` on disk that later epochs, evaluations and runs read
+memory-mapped instead of decoding every file again.
+
+Where: ``$EDGEKD_CACHE_DIR/images`` (default ``$XDG_CACHE_HOME/edgekd/images``, else
+``~/.cache/edgekd/images``); one ``KEY.u8`` (the pixels) and ``KEY.json`` (shape, which files could
+not be read) per split. KEY is a SHA-256 of the geometry and of every file's path, size and
+modification time, so an edited, added or removed image makes a new cache and never a stale read.
+Files are written under a temporary name and renamed; edgekd removes nothing there (delete the
+folder to reclaim the space). ``auto`` caches a split whose decoded pixels take at most
+AUTO_LIMIT_BYTES and fit twice in the free space; ``on`` only asks for the free space; ``off``
+decodes every time.
+
+The pixels are what decoding the file gives, so a cached sample is bit-identical to a decoded one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..core.errors import ConfigError
+from ..core.fsutil import atomic_path, write_json
+
+FORMAT = "edgekd-image-cache-1"
+CACHE_MODES = ("auto", "on", "off")
+AUTO_LIMIT_BYTES = 4 << 30
+BUILD_BATCH = 256
+
+
+def cache_dir() -> Path:
+    """Where decoded images are cached (see the module docstring)."""
+    root = os.environ.get("EDGEKD_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgekd"
+    return Path(root) / "images"
+
+
+def cache_key(files: list[str], geometry: dict) -> str:
+    """SHA-256 of the geometry and of each file's resolved path, size and modification time."""
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "geometry": geometry}, sort_keys=True).encode())
+    for path in files:
+        try:
+            st = os.stat(path)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{os.path.realpath(path)}\0{stamp}\n".encode())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class DecodedImages:
+    """A split's cached pixels: ``array`` is the uint8 (N, C, H, W) memory map (opened on first use, in
+    each process), ``ok`` says which files could be read."""
+
+    path: Path
+    shape: tuple[int, int, int, int]
+    ok: np.ndarray  # bool (N,), per row of the file
+    rows: np.ndarray | None = None  # the file's row of each sample of a split taken from it (None: all, in order)
+    _array: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = np.arange(self.shape[0], dtype=np.int64)
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.memmap(self.path, dtype=np.uint8, mode="r", shape=self.shape)
+        return self._array
+
+    def __getstate__(self):  # DataLoader workers reopen the map instead of receiving a copy
+        return {**self.__dict__, "_array": None}
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def why_not(mode: str, nbytes: int, folder: Path) -> str | None:
+    """Why a split of ``nbytes`` decoded bytes is not cached, or None when it is."""
+    if mode == "off":
+        return "--image-cache off"
+    if mode == "auto" and nbytes > AUTO_LIMIT_BYTES:
+        return (f"the decoded images would take {nbytes / 2**30:.1f} GiB (auto caches up to "
+                f"{AUTO_LIMIT_BYTES / 2**30:.0f} GiB; --image-cache on caches anyway)")
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if 2 * nbytes > free:
+        return f"{folder} has {free / 2**30:.1f} GiB free, the decoded images need {nbytes / 2**30:.1f} GiB (twice that asked)"
+    return None
+
+
+def open_cached(key: str, shape: tuple[int, int, int, int], folder: Path | None = None) -> DecodedImages | None:
+    """The cache of ``key`` when it is complete and of this shape, else None."""
+    folder = folder or cache_dir()
+    data, meta = folder / f"{key}.u8", folder / f"{key}.json"
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        if info.get("format") != FORMAT or tuple(info.get("shape", ())) != shape:
+            return None
+        if data.stat().st_size != int(np.prod(shape)):
+            return None
+        ok = np.ones(shape[0], dtype=bool)
+        ok[np.asarray(info.get("bad_rows", []), dtype=np.int64)] = False
+    except (OSError, ValueError, TypeError, IndexError):
+        return None
+    return DecodedImages(data, shape, ok)
+
+
+def build(key: str, shape: tuple[int, int, int, int], decode: Callable[[int], np.ndarray | None], workers: int,
+          folder: Path | None = None) -> DecodedImages:
+    """Decode every row (``decode(i)``: uint8 (C, H, W), None for an unreadable file that is skipped, or
+    the (message, hint) of the error to stop with)
+    with ``workers`` DataLoader processes into a new cache of ``key``."""
+    import torch
+
+    folder = folder or cache_dir()
+    data, bad = folder / f"{key}.u8", []
+    loader = torch.utils.data.DataLoader(_Rows(decode, shape[0]), batch_size=BUILD_BATCH, num_workers=workers,
+                                         collate_fn=list)
+    with atomic_path(data) as tmp:
+        out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+        for items in loader:
+            for i, pixels in items:
+                if isinstance(pixels, tuple):  # (message, hint) of an error met in a worker process
+                    raise ConfigError(*pixels)
+                if pixels is None:
+                    bad.append(i)
+                else:
+                    out[i] = pixels
+        out.flush()
+        del out
+    write_json(folder / f"{key}.json", {"format": FORMAT, "shape": list(shape), "bad_rows": bad})
+    ok = np.ones(shape[0], dtype=bool)
+    ok[np.asarray(bad, dtype=np.int64)] = False
+    return DecodedImages(data, shape, ok)
+
+
+class _Rows:
+    """Row i -> (i, decode(i)), for a DataLoader (a plain class so that worker processes can pickle it)."""
+
+    def __init__(self, decode, n: int):
+        self.decode, self.n = decode, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return i, self.decode(i)
+
+
+def normalized(pixels: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """uint8 (..., C, H, W) -> float32 scaled to [0, 1] and normalized: the same operations, in the
+    same order, as decoding a file (data.imagefolder.Transform), so the values are bit-identical."""
+    a = pixels.astype(np.float32) / 255.0
+    m = np.asarray(mean, np.float32)[:, None, None]
+    s = np.asarray(std, np.float32)[:, None, None]
+    return np.ascontiguousarray((a - m) / s)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in CACHE_MODES:
+        raise ConfigError(f"--image-cache must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
+    return mode
