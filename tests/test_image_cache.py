@@ -141,3 +141,21 @@ def test_an_unreadable_image_met_by_a_worker_process_is_one_line_without_the_cac
             read()
         assert e.value.message.startswith("cannot read image ") and "1.png" in e.value.message
         assert "Traceback" not in e.value.one_line() and "--skip-bad-images" in e.value.one_line()
+
+
+def test_processes_asking_at_once_decode_once(tmp_path, cache_dir):
+    """Two processes (as torchrun ranks) prepare the same split: one decodes (slowly: 3 s), the other
+    waits for it and reads."""
+    import subprocess
+    import sys
+
+    write_tree(tmp_path / "t", per_class={"train": 40, "test": 4})
+    code = ("import sys; from edgekd.data import load_dataset, decoded; from edgekd.data.options import DataOptions; "
+            "import time; calls = []; real = decoded.build; "
+            "decoded.build = lambda *a, **k: calls.append(time.sleep(3)) or real(*a, **k); "
+            f"d = load_dataset('imagefolder:{tmp_path / 't'}', options=DataOptions(normalize='none', workers=0)); "
+            "d.train.prepare(); print(len(calls))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    built = [int(p.communicate()[0].strip()) for p in procs]
+    assert sorted(built) == [0, 1] and all(p.returncode == 0 for p in procs)
+    assert not list(cache_dir.glob(".*"))  # no lock or temporary file left

@@ -119,6 +119,26 @@ def open_cached(key: str, shape: tuple[int, int, int, int], folder: Path | None 
     return DecodedImages(data, shape, ok)
 
 
+def open_or_build(key: str, shape: tuple[int, int, int, int], decode: Callable[[int], np.ndarray | None],
+                  workers: int, folder: Path | None = None) -> DecodedImages:
+    """The cache of ``key``, made first if needed; processes asking at once (torchrun ranks, parallel
+    runs) wait for the first to make it instead of all decoding."""
+    import fcntl
+
+    folder = folder or cache_dir()
+    found = open_cached(key, shape, folder)
+    if found is not None:
+        return found
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / f".{key}.lock"
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed, or the process ends
+        try:
+            return open_cached(key, shape, folder) or build(key, shape, decode, workers, folder)
+        finally:
+            lock.unlink(missing_ok=True)
+
+
 def build(key: str, shape: tuple[int, int, int, int], decode: Callable[[int], np.ndarray | None], workers: int,
           folder: Path | None = None) -> DecodedImages:
     """Decode every row (``decode(i)``: uint8 (C, H, W), None for an unreadable file that is skipped, or

@@ -162,8 +162,7 @@ class FolderSplit:
         if self.note is not None:
             return False
         key = decoded.cache_key(self.files, t.geometry())
-        self.cache = decoded.open_cached(key, shape) or decoded.build(key, shape, _Decode(self.files, t, self.skip_bad),
-                                                                      self.workers)
+        self.cache = decoded.open_or_build(key, shape, _Decode(self.files, t, self.skip_bad), self.workers)
         for row in np.flatnonzero(~self.cache.ok):
             self._unreadable(int(row), None)
         return True
