@@ -94,8 +94,8 @@ OPTIONS: dict[str, Opt] = {o.name: o for o in [
     Opt("skip_bad_images", False, bool, "Image folders: skip unreadable images (counted in metrics.json) instead "
         "of stopping."),
     Opt("image_cache", "auto", str, "Image folders: decode each split once into a uint8 cache under "
-        "$EDGEKD_CACHE_DIR (default ~/.cache/edgekd) and read it memory-mapped: auto (splits up to 4 GiB "
-        "decoded), on, or off (decode every epoch).", choices=("auto", "on", "off")),
+        "$EDGEKD_CACHE_DIR (default ~/.cache/edgekd) and read it memory-mapped: auto (a split up to 4 GiB "
+        "decoded and a quarter of the memory), on, or off (decode every epoch).", choices=("auto", "on", "off")),
     Opt("force", False, bool, "Distill even when the teacher's test accuracy is near chance."),
     Opt("eval_samples", 2000, int, "Test images stored in the bundle's eval.npz (a seeded, stratified sample) for "
         "parity and on-device accuracy; the whole test split is measured at export.", lo=1),

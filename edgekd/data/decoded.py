@@ -9,8 +9,9 @@ not be read) per split. KEY is a SHA-256 of the geometry and of every file's pat
 modification time, so an edited, added or removed image makes a new cache and never a stale read.
 Files are written under a temporary name and renamed; edgekd removes nothing there (delete the
 folder to reclaim the space). ``auto`` caches a split whose decoded pixels take at most
-AUTO_LIMIT_BYTES and fit twice in the free space; ``on`` only asks for the free space; ``off``
-decodes every time.
+AUTO_LIMIT_BYTES and a quarter of the machine's memory, and fit twice in the free space; ``on`` only
+asks for the free space; ``off`` decodes every time. The pages read count in the process's resident
+memory, as file-backed pages the kernel can drop and read again (not as memory the process holds).
 
 The pixels are what decoding the file gives, so a cached sample is bit-identical to a decoded one.
 """
@@ -90,9 +91,10 @@ def why_not(mode: str, nbytes: int, folder: Path) -> str | None:
     """Why a split of ``nbytes`` decoded bytes is not cached, or None when it is."""
     if mode == "off":
         return "--image-cache off"
-    if mode == "auto" and nbytes > AUTO_LIMIT_BYTES:
-        return (f"the decoded images would take {nbytes / 2**30:.1f} GiB (auto caches up to "
-                f"{AUTO_LIMIT_BYTES / 2**30:.0f} GiB; --image-cache on caches anyway)")
+    limit = min(AUTO_LIMIT_BYTES, _memory_bytes() // 4)
+    if mode == "auto" and nbytes > limit:
+        return (f"the decoded images would take {nbytes / 2**30:.2f} GiB (auto caches up to "
+                f"{limit / 2**30:.2f} GiB: 4 GiB and a quarter of the memory; --image-cache on caches anyway)")
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -100,6 +102,13 @@ def why_not(mode: str, nbytes: int, folder: Path) -> str | None:
     if 2 * nbytes > free:
         return f"{folder} has {free / 2**30:.1f} GiB free, the decoded images need {nbytes / 2**30:.1f} GiB (twice that asked)"
     return None
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return AUTO_LIMIT_BYTES * 4
 
 
 def open_cached(key: str, shape: tuple[int, int, int, int], folder: Path | None = None) -> DecodedImages | None:
