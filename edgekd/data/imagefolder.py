@@ -1,7 +1,8 @@
 """Image folders: ``--data imagefolder:DIR`` with ``DIR/train/<class>/*`` and optional ``test/`` and ``val/``.
 
-Images (PNG, JPEG, BMP, WebP) are decoded lazily, one sample at a time (by a DataLoader's worker
-processes in training), never all held in memory. Classes are the sorted folder names of
+Images (PNG, JPEG, BMP, WebP) are decoded lazily, never all held in memory: once per split into the
+decoded-image cache (data.decoded, ``--image-cache``) when it is on, then read memory-mapped; else one
+sample at a time, by a DataLoader's worker processes in training. Classes are the sorted folder names of
 ``train/`` and must be the same in every split. Without ``val/`` (or ``test/``) a seeded,
 stratified share of ``train/`` is held out, as for the other datasets.
 

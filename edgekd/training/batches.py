@@ -1,13 +1,15 @@
-"""Where a training phase's batches come from: a split held in memory, or one decoded lazily.
+"""Where a training phase's batches come from: a split held in memory, a decoded-image cache, or files decoded lazily.
 
-Both give, for an epoch's seeded sample order, the global batches from a given step on, each as
+Each gives, for an epoch's seeded sample order, the global batches from a given step on, each as
 (sample indices, images, labels, flipped) on the training device, already cut to this process's
 share under torchrun (every rank draws the same global batch and takes every N-th sample).
 
 - ``MemoryBatches`` (digits, Fashion-MNIST, npz): indexing tensors; random horizontal flips drawn
   from the phase's generator, one draw per global batch, exactly as before lazy data existed, so
   resumed runs stay bit-exact.
-- ``LoaderBatches`` (image folders): a torch DataLoader with worker processes decodes the images;
+- ``CachedBatches`` (image folders with their decoded-image cache, no random crops): as
+  ``MemoryBatches``, each batch gathered from the memory map and normalized.
+- ``LoaderBatches`` (image folders otherwise): a torch DataLoader with worker processes decodes the images;
   random crops and flips draw from a generator seeded by (seed, epoch, sample index), so a sample
   looks the same whatever the number of workers, and a resumed run sees the same pixels.
 """
