@@ -47,7 +47,7 @@ def read_test_split(meta: dict, torch_data=None):
             raise EdgekdError("the run's data came from the Python API (python-api), which export cannot read again",
                               "call api.export(..., data=api.TorchData(...)) with the same datasets")
         return torch_data.dataset(meta["seed"])
-    options = DataOptions.from_record(meta.get("data_options"))
+    options = DataOptions.from_record(meta.get("data_options"), workers=DataOptions().workers)
     norm = meta["normalization"]
     if meta["dataset"].startswith("imagefolder:") and options.normalize == "auto":
         # the statistics were computed once, at training time, on decoded images: reuse them
@@ -65,6 +65,8 @@ def read_test_split(meta: dict, torch_data=None):
 def eval_arrays(data, eval_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) of the bundle's eval sample of ``data``'s test split."""
     idx = eval_sample(data.test.y, eval_samples, seed)
+    if hasattr(data.test, "prepare"):  # an image folder: decode the test split once, into its cache
+        data.test.prepare()
     return np.ascontiguousarray(data.test.take(idx), dtype=np.float32), np.asarray(data.test.y[idx], dtype=np.int64)
 
 
@@ -75,6 +77,8 @@ def full_accuracy(model, backend, artifact, options: dict, split, sample: dict, 
     import torch
 
     total, n = len(split), sample["n"]
+    if hasattr(split, "prepare"):
+        split.prepare()
     if n >= total:
         return {"eval_samples": n, "test_samples": total, "torch_accuracy_full": sample["torch_accuracy"],
                 "runtime_accuracy_full": sample["runtime_accuracy"], "top1_agreement_full": sample["top1_agreement"]}
