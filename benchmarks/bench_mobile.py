@@ -7,7 +7,8 @@ Two students with depthwise-separable convolutions, squeeze-excitation gates and
 Per model: the float student trains for ``--float-epochs`` with ``distill``'s float phase (QAT-only
 method ``none``, no teacher: the rows measure quantization, not distillation); its weights
 (``float.pt``) are the fp32 row and the start of every QAT cell, which all train ``--epochs`` at the
-QAT learning rate ``distill`` uses after a float phase (lr/4). ``--label`` names the quantizer code
+QAT learning rate ``distill`` uses after a float phase (``--qat-lr``; rows labelled before/after
+were made with lr/4, row ``depthwise-lr`` with edgekd's default, which keeps lr for depthwise students). ``--label`` names the quantizer code
 being measured: run once per code version (e.g. ``before`` with PYTHONPATH pointing at a worktree of
 the previous commit, reusing the float students of the ``after`` run with ``--float-from``), and the
 results accumulate in ``results/mobile.json`` / ``.md``.
@@ -72,7 +73,7 @@ def _distill(args, name: str, bits: int, work: Path, float_from: Path | None) ->
         model.load_state_dict(torch.load(float_from, weights_only=True)["state_dict"])
     opts = api.DistillOptions(data=args.data, method="none", weight_bits=bits, act_bits=bits,
                               float_epochs=0 if float_from is not None else args.float_epochs, epochs=args.epochs,
-                              lr=args.lr, qat_lr=args.lr / 4, train_limit=args.train_limit, seed=args.seed,
+                              lr=args.lr, qat_lr=args.qat_lr, train_limit=args.train_limit, seed=args.seed,
                               progress=False)
     out = work / f"{name.replace(':', '_')}-w{bits}a{bits}"
     shutil.rmtree(out, ignore_errors=True)
@@ -83,7 +84,8 @@ def _distill(args, name: str, bits: int, work: Path, float_from: Path | None) ->
 def run_model(args, name: str, work: Path) -> dict:
     t0 = time.time()
     float_pt = Path(args.float_from) / f"{name.replace(':', '_')}.pt" if args.float_from else None
-    row = {"model": name, "label": args.label, "params": sum(p.numel() for p in build(name).parameters())}
+    row = {"model": name, "label": args.label, "params": sum(p.numel() for p in build(name).parameters()),
+           "qat_lr": args.qat_lr if args.qat_lr else "edgekd default"}
     for bits in args.bits:
         m = _distill(args, name, bits, work, float_pt)
         if float_pt is None:  # the first cell trained the float student: every other cell starts from it
@@ -126,11 +128,13 @@ def write(rows: list[dict], budget: dict) -> None:
             same["seconds"] = same.get("seconds", 0) + row["seconds"]
     path.write_text(json.dumps({"budget": budget, "rows": allrows}, indent=1) + "\n")
     cells = [f"W{b}A{b}" for b in (8, 4, 2) if any(f"W{b}A{b}" in r for r in allrows)]
-    lines = [f"Budget: {budget['text']}", "", "| model | params | quantizer | fp32 | " + " | ".join(cells)
-             + " | seconds |", "|---|---|---|---|" + "---|" * len(cells) + "---|"]
+    lines = [f"Budget: {budget['text']}", "", "| model | params | quantizer | QAT lr | fp32 | " + " | ".join(cells)
+             + " | seconds |", "|---|---|---|---|---|" + "---|" * len(cells) + "---|"]
     for r in allrows:
         acc = " | ".join(f"{r[c]:.2%}" if c in r else "-" for c in cells)
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['label']} | {r['fp32']:.2%} | {acc} | {r['seconds']:.0f} |")
+        qat_lr = r.get("qat_lr", budget.get("lr", 0) / 4)  # rows before the column: lr/4
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['label']} | {qat_lr} | {r['fp32']:.2%} | {acc} | "
+                     f"{r['seconds']:.0f} |")
     lines += ["", "QAT loss per epoch: " + "; ".join(f"{r['model']} {r['label']} {c}: {r[c + '_qat_loss']}"
                                                      for r in allrows for c in cells if c + "_qat_loss" in r)]
     (RESULTS / "mobile.md").write_text("\n".join(lines) + "\n")
@@ -146,6 +150,9 @@ def main() -> None:
     p.add_argument("--float-epochs", type=int, default=6)
     p.add_argument("--epochs", type=int, default=3, help="QAT epochs of every quantized cell")
     p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--qat-lr", type=float, default=None,
+                   help="QAT learning rate [default: edgekd's: lr/4 after the float phase, lr for students with "
+                        "depthwise convolutions; runs labelled before/after used lr/4]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", type=lambda v: [int(b) for b in v.split(",")], default=[8, 4],
                    help="bit widths of the QAT cells (W=A), e.g. 8,4,2")
@@ -156,7 +163,7 @@ def main() -> None:
     work = Path(args.work) / args.label
     work.mkdir(parents=True, exist_ok=True)
     budget = {"text": f"{args.data}, first {args.train_limit} training images, {args.float_epochs} float epochs "
-                      f"(lr {args.lr}), {args.epochs} QAT epochs per cell (lr {args.lr / 4}), QAT only (no "
+                      f"(lr {args.lr}), {args.epochs} QAT epochs per cell (QAT lr: see the column), QAT only (no "
                       f"teacher), batch 64, seed {args.seed}, {torch.get_num_threads()} thread(s)",
               "train_limit": args.train_limit, "float_epochs": args.float_epochs, "epochs": args.epochs,
               "lr": args.lr, "data": args.data}

@@ -132,3 +132,15 @@ def test_mobile_bundle_matches_pytorch(w4a4_run, tmp_path):
     assert manifest["parity"]["top1_agreement"] >= 0.99
     assert manifest["torch_accuracy"] == pytest.approx(m["student_accuracy"], abs=1e-6)
     assert manifest["fusion"]["float_compute"] == 0  # every Conv/Gemm on integer kernels
+
+
+def test_students_with_depthwise_convolutions_keep_the_float_lr_in_qat():
+    from edgekd.training.schemes import default_qat_lr
+
+    depthwise = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1))
+    plain = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3, groups=2))  # grouped, not depthwise
+    lines = []
+    assert default_qat_lr(2e-3, True, depthwise, lines.append) == 2e-3
+    assert lines and "depthwise" in lines[0]
+    assert default_qat_lr(2e-3, True, plain) == 5e-4
+    assert default_qat_lr(2e-3, False, plain) == 2e-3  # no warm start: QAT from scratch at lr

@@ -147,7 +147,8 @@ OPTIONS: dict[str, Opt] = {o.name: o for o in [
     Opt("teacher_optimizer", "sgd", str, "Optimizer when training a teacher.", choices=("sgd", "adamw")),
     Opt("label_smoothing", 0.1, _NUM, "Label smoothing of the cross-entropy when training a teacher.", lo=0, hi=0.99),
     Opt("lr", 2e-3, _NUM, "Learning rate of the float phase (QAT uses lr/4 after a float phase).", lo=0, lo_open=True),
-    Opt("qat_lr", None, _NUM, "Learning rate of QAT [default: lr/4 after a float warm start, else lr].",
+    Opt("qat_lr", None, _NUM, "Learning rate of QAT [default: lr/4 after a float warm start (lr for students with "
+        "depthwise convolutions), else lr].",
         lo=0, lo_open=True, nullable=True),
     Opt("batch_size", 64, int, "Batch size (global, across processes).", lo=1),
     Opt("flip", None, bool, "Random horizontal flips [default: the dataset's].", nullable=True),
