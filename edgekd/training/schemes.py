@@ -221,10 +221,8 @@ def first_stage(run: Run, objective, student: nn.Module, teacher, cache, epochs:
 
 
 def default_qat_lr(lr: float, warm: bool, student: nn.Module, log=None) -> float:
-    """QAT's learning rate when --qat-lr is not given: lr/4 after a float warm start, else lr; a student
-    with depthwise convolutions keeps lr (README: Mobile blocks; at 4 bits, 3 QAT epochs on 6,000 images:
-    mobile-student 80.15% at lr/4 -> 81.92% at lr, W2A2 30.8% -> 52.3%; cnnfc-student, no depthwise
-    layer: 87.36% at lr/4, 86.93% at lr)."""
+    """QAT's lr without --qat-lr: lr/4 after a float warm start, else lr; depthwise students keep lr
+    (measured in README: Mobile blocks)."""
     from ..quant.mobile import is_depthwise
 
     if not warm:
