@@ -135,7 +135,7 @@ def test_mobile_bundle_matches_pytorch(w4a4_run, tmp_path):
 
 
 def test_students_with_depthwise_convolutions_keep_the_float_lr_in_qat():
-    from edgekd.training.schemes import default_qat_lr
+    from edgekd.quant.mobile import default_qat_lr
 
     depthwise = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1))
     plain = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3, groups=2))  # grouped, not depthwise

@@ -181,3 +181,15 @@ class MSEThreshold(nn.Module):
             best = torch.where(better, amax * f, best)
             best_err = torch.where(better, err, best_err)
         return best
+
+
+def default_qat_lr(lr: float, warm: bool, student: nn.Module, log=None) -> float:
+    """QAT's lr without --qat-lr: lr/4 after a float warm start, else lr; depthwise students keep lr
+    (measured in README: Mobile blocks)."""
+    if not warm:
+        return lr
+    if any(is_depthwise(m) for m in student.modules()):
+        if log:
+            log(f"QAT learning rate {lr:g} (the float phase's): the student has depthwise convolutions")
+        return lr
+    return lr / 4

@@ -220,20 +220,6 @@ def first_stage(run: Run, objective, student: nn.Module, teacher, cache, epochs:
     return rest, res.seconds
 
 
-def default_qat_lr(lr: float, warm: bool, student: nn.Module, log=None) -> float:
-    """QAT's lr without --qat-lr: lr/4 after a float warm start, else lr; depthwise students keep lr
-    (measured in README: Mobile blocks)."""
-    from ..quant.mobile import is_depthwise
-
-    if not warm:
-        return lr
-    if any(is_depthwise(m) for m in student.modules()):
-        if log:
-            log(f"QAT learning rate {lr:g} (the float phase's): the student has depthwise convolutions")
-        return lr
-    return lr / 4
-
-
 def two_phase(run: Run, student: nn.Module, teacher: nn.Module | None, spec, *, epochs: int | None = None,
               float_epochs: int | None = None, peers=None, tag: str = "", init_from: nn.Module | None = None) -> Outcome:
     """A first stage when the objective has one (fsp; not for a student that starts from a previous
@@ -266,7 +252,7 @@ def two_phase(run: Run, student: nn.Module, teacher: nn.Module | None, spec, *, 
     qmodel = quant.quantize(student, spec)
     if init_from is not None:
         _copy_weights(init_from, qmodel)
-    qat_lr = o.qat_lr or default_qat_lr(o.lr, float_epochs or init_from is not None or run.pretrained, student, run.log)
+    qat_lr = o.qat_lr or quant.mobile.default_qat_lr(o.lr, float_epochs or init_from is not None or run.pretrained, student, run.log)
     cfg = _fit_cfg(run, epochs, qat_lr, o.seed + 1, f"QAT {spec.label}{tag}", quantized=True)
     res = tr.fit(qmodel, run.data, cfg, objective, teacher, _epoch_logger(run, f"{spec.label}{tag}", "qat"),
                  peers=peers, cache=cache, checkpoint=run.phase(cfg.desc))
