@@ -139,10 +139,6 @@ class FolderSplit:
         """Training takes random crops (the teacher's inputs are not known in advance)."""
         return self.train_transform is not None and self.train_transform.augment == "crop+flip"
 
-    @property
-    def cached(self) -> bool:
-        return self.cache is not None
-
     def subset(self, idx) -> "FolderSplit":
         idx = np.asarray(idx, dtype=np.int64)
         part = FolderSplit([self.files[i] for i in idx], self.y[idx], self.transform, self.train_transform,
@@ -198,9 +194,7 @@ class FolderSplit:
 
     def _unreadable(self, i: int, e: Exception | None) -> None:
         if not self.skip_bad:
-            why = f"{type(e).__name__}: {e}" if e is not None else "it could not be decoded"
-            raise ConfigError(f"cannot read image {self.files[i]}: {why}",
-                              "remove or fix the file, or pass --skip-bad-images") from None
+            raise ConfigError(*unreadable(self.files[i], e)) from None
         self.bad.add(self.files[i])
         return None
 
@@ -241,8 +235,13 @@ class _Decode:
         except Exception as e:
             if self.skip_bad:
                 return None
-            return (f"cannot read image {self.files[i]}: {type(e).__name__}: {e}",
-                    "remove or fix the file, or pass --skip-bad-images")
+            return unreadable(self.files[i], e)
+
+
+def unreadable(path: str, e: Exception | None) -> tuple[str, str]:
+    """The (message, hint) of an image that cannot be decoded."""
+    why = f"{type(e).__name__}: {e}" if e is not None else "it could not be decoded"
+    return f"cannot read image {path}: {why}", "remove or fix the file, or pass --skip-bad-images"
 
 
 def _as_image(pixels: np.ndarray):
