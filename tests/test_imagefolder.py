@@ -84,6 +84,24 @@ def test_corrupt_image_is_an_error_naming_it(tmp_path):
     assert "--skip-bad-images" in e.value.one_line()
 
 
+def test_corrupt_image_met_by_a_worker_process_is_the_same_one_line_error(tmp_path):
+    from edgekd.training.batches import LoaderBatches, batches_for
+
+    bad = _corrupt(tmp_path)
+    data = folder(tmp_path / "t", normalize="none", image_cache="off", workers=2)  # nothing decoded yet
+    if str(bad) not in data.train.files:  # the seeded validation split took it
+        data.train.files.append(str(bad))
+        data.train.y = np.append(data.train.y, 1)
+    source = batches_for(data.train, 8, False, 0, workers=2)
+    assert isinstance(source, LoaderBatches)
+    order = torch.arange(len(data.train))
+    with pytest.raises(ConfigError) as e:
+        for _ in source.epoch(order, 0, 1, torch.Generator().manual_seed(0), "cpu"):
+            pass
+    line = e.value.one_line()
+    assert line.startswith(f"cannot read image {bad}") and "--skip-bad-images" in line and "\n" not in line
+
+
 def test_corrupt_image_skipped_and_counted_also_from_worker_processes(tmp_path):
     from edgekd.training.batches import batches_for
 

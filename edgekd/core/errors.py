@@ -6,6 +6,8 @@ without a traceback. Every error names the problem and, in ``hint``, the fix.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 
 class EdgekdError(Exception):
     """An error caused by the user's input or environment, not by a bug in edgekd."""
@@ -58,3 +60,22 @@ class ParityError(EdgekdError):
 
 class IncompatibleError(EdgekdError):
     """Two inputs that cannot be used together (e.g. teacher and student class counts)."""
+
+
+class WorkerFailure(NamedTuple):
+    """An edgekd error met in a DataLoader worker process, sent back as data and raised in the main
+    process (a worker's exception would come back wrapped in its traceback, not as the one-line error)."""
+
+    message: str
+    hint: str | None
+
+    @classmethod
+    def catching(cls, read):
+        """``read()``, or the WorkerFailure of the EdgekdError it raised."""
+        try:
+            return read()
+        except EdgekdError as e:
+            return cls(e.message, e.hint)
+
+    def raise_(self):
+        raise ConfigError(self.message, self.hint) from None

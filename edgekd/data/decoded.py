@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, WorkerFailure
 from ..core.fsutil import atomic_path, write_json
 
 FORMAT = "edgekd-image-cache-1"
@@ -151,7 +151,7 @@ def open_or_build(key: str, shape: tuple[int, int, int, int], decode: Callable[[
 def build(key: str, shape: tuple[int, int, int, int], decode: Callable[[int], np.ndarray | None], workers: int,
           folder: Path | None = None) -> DecodedImages:
     """Decode every row (``decode(i)``: uint8 (C, H, W), None for an unreadable file that is skipped, or
-    the (message, hint) of the error to stop with)
+    the WorkerFailure to stop with)
     with ``workers`` DataLoader processes into a new cache of ``key``."""
     import torch
 
@@ -163,8 +163,8 @@ def build(key: str, shape: tuple[int, int, int, int], decode: Callable[[int], np
         out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
         for items in loader:
             for i, pixels in items:
-                if isinstance(pixels, tuple):  # (message, hint) of an error met in a worker process
-                    raise ConfigError(*pixels)
+                if isinstance(pixels, WorkerFailure):
+                    pixels.raise_()
                 if pixels is None:
                     bad.append(i)
                 else:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import ConfigError, EdgekdError, MissingFileError
+from ..core.errors import ConfigError, EdgekdError, MissingFileError, WorkerFailure
 from . import decoded
 from .decoded import normalized
 from .splits import split_indices
@@ -222,20 +222,18 @@ class FolderSplit:
 
 class _Decode:
     """Row i of a split's files -> its uint8 pixels, None when unreadable and skipped, or the error's
-    (message, hint): a worker process cannot raise edgekd's one-line errors through a DataLoader."""
+    WorkerFailure (raised by the main process)."""
 
     def __init__(self, files: list[str], transform: Transform, skip_bad: bool):
         self.files, self.transform, self.skip_bad = files, transform, skip_bad
 
     def __call__(self, i: int):
         try:
-            return self.transform.decode(self.files[i])
-        except EdgekdError as e:
-            return e.message, e.hint
+            return WorkerFailure.catching(lambda: self.transform.decode(self.files[i]))
         except Exception as e:
             if self.skip_bad:
                 return None
-            return unreadable(self.files[i], e)
+            return WorkerFailure(*unreadable(self.files[i], e))
 
 
 def unreadable(path: str, e: Exception | None) -> tuple[str, str]:

@@ -17,31 +17,12 @@ share under torchrun (every rank draws the same global batch and takes every N-t
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from ..core.errors import ConfigError, EdgekdError
+from ..core.errors import WorkerFailure
 from . import distributed as dd
-
-
-class Failed(NamedTuple):
-    """An edgekd error met in a DataLoader worker process, sent back to be raised in this one (a worker's
-    exception would come back wrapped in its traceback instead of the one-line error)."""
-
-    message: str
-    hint: str | None
-
-    @classmethod
-    def catching(cls, read):
-        try:
-            return read()
-        except EdgekdError as e:
-            return cls(e.message, e.hint)
-
-    def raise_(self):
-        raise ConfigError(self.message, self.hint)
 
 
 def batches_for(split, batch_size: int, flip: bool, seed: int, workers: int = 0):
@@ -132,8 +113,8 @@ class _Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        image = Failed.catching(lambda: self.split.load(i, rng if self.split.crops else None))
-        if isinstance(image, Failed):
+        image = WorkerFailure.catching(lambda: self.split.load(i, rng if self.split.crops else None))
+        if isinstance(image, WorkerFailure):
             return i, image, 0, False
         flipped = bool(self.flip and rng.random() < 0.5)
         if image is not None and flipped:
@@ -144,7 +125,7 @@ class _Samples(torch.utils.data.Dataset):
 def _collate(items):
     """(a batch of (index, image, label, flipped), the indices of skipped bad files): images a bad file
     skipped (None) are dropped, and their indices sent back, since a worker process cannot record them."""
-    failed = next((it[1] for it in items if isinstance(it[1], Failed)), None)
+    failed = next((it[1] for it in items if isinstance(it[1], WorkerFailure)), None)
     if failed is not None:
         return failed, []
     kept = [it for it in items if it[1] is not None]
@@ -180,7 +161,7 @@ class LoaderBatches:
         for (_, share), (item, bad) in zip(batches, loader):
             for i in bad:  # recorded here, in the main process (data.imagefolder.FolderSplit.bad)
                 self.split.bad.add(self.split.files[i])
-            if isinstance(item, Failed):
+            if isinstance(item, WorkerFailure):
                 item.raise_()
             if item is None:
                 continue

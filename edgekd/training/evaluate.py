@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.errors import WorkerFailure
 from . import distributed as dd
-from .batches import Failed
 
 
 def as_tensors(split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,11 +30,11 @@ class _EvalSamples(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int):
-        return i, Failed.catching(lambda: self.split.load(i)), int(self.split.y[i])
+        return i, WorkerFailure.catching(lambda: self.split.load(i)), int(self.split.y[i])
 
 
 def _collate(items):
-    failed = next((it[1] for it in items if isinstance(it[1], Failed)), None)
+    failed = next((it[1] for it in items if isinstance(it[1], WorkerFailure)), None)
     if failed is not None:
         return failed
     kept = [it for it in items if it[1] is not None]  # a bad image skipped (--skip-bad-images)
@@ -61,7 +61,7 @@ def eval_batches(split, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, t
     loader = torch.utils.data.DataLoader(_EvalSamples(split), batch_size=batch_size, collate_fn=_collate,
                                          num_workers=getattr(split, "workers", 0))
     for item in loader:
-        if isinstance(item, Failed):
+        if isinstance(item, WorkerFailure):
             item.raise_()
         if item is not None:
             yield item[1], item[2]
