@@ -4,38 +4,14 @@ error, never a traceback."""
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 import warnings
-from contextlib import contextmanager
 
 import click
 
 from .. import __version__
 from ..core.errors import EdgekdError
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same clean-up runs (staging
-    folders removed, locks released) instead of the process dying where it stands."""
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """While a command runs (main thread only), SIGTERM raises Terminated."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise Terminated()
-
-    old = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+from ..core.interrupts import Terminated, as_interrupts
 
 
 def _one_line(message: str) -> str:
@@ -65,7 +41,7 @@ class EdgekdGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            with _sigterm_as_interrupt():
+            with as_interrupts():
                 return super().invoke(ctx)
         except EdgekdError as e:
             click.echo(f"error: {e.one_line()}", err=True)

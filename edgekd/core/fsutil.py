@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from . import interrupts
 from .errors import EdgekdError
 
 RUNS_DIR = Path("runs")
@@ -96,6 +97,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _staging(path, folder=False)
     try:
         yield tmp
+        interrupts.check()  # never commit after an interrupt that was dropped on its way up
         os.replace(tmp, path)
     except OSError as e:
         raise _os_error(path, e) from None
@@ -144,6 +146,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _staging(path, folder=True)
     try:
         yield tmp
+        interrupts.check()
         old = None
         if os.path.lexists(path):
             old = path.with_name(f".{path.name}.old")
