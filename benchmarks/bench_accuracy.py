@@ -2,7 +2,7 @@
 
 One resumable command builds the whole table with edgekd's own defaults (the ones `edgekd distill`
 uses): the default teacher (cnnfc-teacher) trained once, the default student (cnnfc-student,
-64k parameters), 12 float epochs, then 4 QAT epochs (8 at 2 bits), Hinton KD at T=4, alpha=0.9.
+64k parameters), 12 float epochs, then 4 QAT epochs (12 at 2 bits), Hinton KD at T=4, alpha=0.9.
 
     nice python benchmarks/bench_accuracy.py [--root runs/bench-accuracy] [--seeds 0,1,2] [--parallel]
 
@@ -22,7 +22,9 @@ Stages (each skipped when its result is on disk, so an interrupted run resumes w
 With --parallel, stages 2 and 3 run side by side, then the two sweeps of stage 4.
 Every accuracy is through ONNX Runtime on all 10,000 test images (the manifest's
 runtime_accuracy_full); the top-1 agreement with PyTorch is over the same 10,000 images.
-Writes benchmarks/results/accuracy.{json,md,png}.
+Writes benchmarks/results/accuracy.{json,md,png}. With --collect-only --previous OLD.json, cells (and
+ONNX Runtime rows) not on disk under ROOT are taken from an earlier accuracy.json, each marked with
+"from" and listed under the table, so a changed default can be re-measured without redoing the rest.
 """
 
 from __future__ import annotations
@@ -165,6 +167,21 @@ def ort_ptq(root: Path, calib: int) -> list[dict]:
     return out
 
 
+def with_previous(rows: list[dict], ort_rows: list[dict], path: Path) -> dict:
+    """Add to ``rows`` (and ``ort_rows``, when empty) what an earlier accuracy.json has and ROOT has not."""
+    old = json.loads(path.read_text())
+    have = {(r["cell"], r["seed"]) for r in rows}
+    taken = [dict(r, **{"from": str(path)}) for r in old["cells"] if (r["cell"], r["seed"]) not in have]
+    rows += taken
+    rows.sort(key=lambda r: (COLUMNS.index((r["method"], r["bits"])), r["seed"]))
+    if not ort_rows:
+        ort_rows += [dict(r, **{"from": str(path)}) for r in old.get("ort_ptq", [])]
+    return {"file": str(path), "cells": [f"{r['cell']}" + ("" if r["cell"].endswith(f"-s{r['seed']}") else f"-s{r['seed']}")
+                                         for r in taken],
+            "teacher_accuracy": old["meta"].get("teacher_accuracy"), "int8_flags": old["meta"].get("int8_flags"),
+            "qat_over_float_epoch": old["meta"].get("qat_over_float_epoch", {})}
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     cols = []
     for method, bits in COLUMNS:
@@ -207,6 +224,11 @@ def markdown(cols: list[dict], ort_rows: list[dict], meta: dict) -> str:
                                                                  or "-")]
     lines += ["", f"Machine: {meta['cpu']} ({meta['cores']} cores, int8 flags: {meta['int8_flags']}); "
               f"teacher {_pct(meta.get('teacher_accuracy'))} in {_secs(meta.get('teacher_seconds'))}."]
+    if meta.get("previous"):
+        prev = meta["previous"]
+        lines += ["", f"From an earlier run of this script ({prev['file']}: teacher {_pct(prev['teacher_accuracy'])}, "
+                  f"int8 flags {prev['int8_flags']}), not re-measured: {', '.join(prev['cells'])}"
+                  + (", and the ONNX Runtime rows." if any(r.get("from") for r in ort_rows) else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -249,6 +271,7 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=1024)
     ap.add_argument("--collect-only", action="store_true", help="write the table from what is on disk")
     ap.add_argument("--name", default="accuracy")
+    ap.add_argument("--previous", type=Path, help="an earlier accuracy.json: cells not on disk are taken from it")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--parallel", action="store_true",
                     help="run the two sweeps side by side (with OMP_NUM_THREADS=1: one core each)")
@@ -275,8 +298,9 @@ def main() -> int:
             raise SystemExit("a sweep failed; run the same command again to resume")
     rows = collect(root, seeds)
     ort_rows = ort_ptq(root, args.calib_samples)
+    previous = with_previous(rows, ort_rows, args.previous) if args.previous else None
     tm = json.loads((teacher / "metrics.json").read_text()) if (teacher / "metrics.json").is_file() else {}
-    meta = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "int8_flags": cpu_flags(),
+    meta = {"previous": previous, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "int8_flags": cpu_flags(),
             "teacher_accuracy": tm.get("accuracy"), "teacher_seconds": tm.get("seconds"),
             "script_seconds_this_invocation": time.time() - started}
     # QAT step cost: median QAT epoch / median float epoch of the same run (same process, same data)

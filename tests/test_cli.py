@@ -65,7 +65,7 @@ def test_train_command(tmp_path):
     assert (tmp_path / "t" / "model.pt").is_file() and "test accuracy" in result.output
 
 
-@pytest.mark.parametrize("bits, weight_bits, act_bits, epochs", [(None, 2, 8, 8), (None, 8, 3, 8), (4, 4, 4, 4),
+@pytest.mark.parametrize("bits, weight_bits, act_bits, epochs", [(None, 2, 8, 12), (None, 8, 3, 12), (4, 4, 4, 4),
                                                                  (None, 4, 8, 4)])
 def test_default_qat_epochs_follow_the_lowest_bits(bits, weight_bits, act_bits, epochs):
     from edgekd.config.options import qat_epochs
@@ -74,10 +74,42 @@ def test_default_qat_epochs_follow_the_lowest_bits(bits, weight_bits, act_bits, 
     assert qat_epochs(5, weight_bits, act_bits) == 5  # given: kept
 
 
-def test_two_bit_distill_trains_eight_qat_epochs_by_default(tmp_path):
+@pytest.mark.parametrize("given, method, loss, weight_bits, act_bits, expected", [
+    (None, "hinton", None, 2, 2, 1.0), (None, "hinton", None, 8, 3, 1.0), (None, "hinton", None, 4, 4, 4.0),
+    (2.5, "hinton", None, 2, 2, 2.5), (None, "none", None, 2, 2, None), (None, "dkd", None, 2, 2, None),
+    (None, "hinton", [{"name": "hinton", "weight": 1.0}], 2, 2, None)])
+def test_qat_temperature_defaults_to_one_at_low_bits_for_hinton_only(given, method, loss, weight_bits, act_bits,
+                                                                     expected):
+    from edgekd.config.options import DistillOptions, qat_temperature
+
+    opts = DistillOptions(method=method, qat_temperature=given, loss=loss)
+    assert qat_temperature(opts, weight_bits, act_bits) == expected
+
+
+def test_qat_phase_hinton_term_computes_the_reference_loss_at_its_new_temperature():
+    import torch
+    import torch.nn.functional as F
+
+    from edgekd.kd import Objective
+    from edgekd.training.schemes import _qat_temperature
+
+    objective, lines = Objective.single("hinton", temperature=4.0, alpha=0.9), []
+    _qat_temperature(objective, 1.0, lines.append)
+    assert lines == ["QAT: KD temperature 1 (float phase 4; --qat-temperature sets it)"]
+    gen = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+    total, _ = objective(s, t, y)
+    p_t = F.softmax(t, dim=1)  # Hinton et al. 2015 at T = 1: KL(p_t || p_s) (times T^2 = 1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s, dim=1))).sum(1).mean()
+    assert torch.allclose(total, 0.9 * kl + 0.1 * F.cross_entropy(s, y), atol=1e-6)
+    _qat_temperature(objective, None, lines.append)  # not hinton's phase default: nothing changes
+    assert len(lines) == 1
+
+
+def test_two_bit_distill_trains_twelve_qat_epochs_by_default(tmp_path):
     result = run("distill", "--bits", 2, "--method", "none", "--float-epochs", 0,
                  "--out", tmp_path / "w2", "-q")
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "w2" / "metrics.json").read_text())
-    assert metrics["epochs"] == 8
-    assert [h["epoch"] for h in metrics["history"] if h.get("phase") == "qat"] == list(range(1, 9))
+    assert metrics["epochs"] == 12
+    assert [h["epoch"] for h in metrics["history"] if h.get("phase") == "qat"] == list(range(1, 13))

@@ -265,6 +265,6 @@ def test_ptq_and_the_fp32_reference_beside_qat_over_two_seeds(tmp_path, monkeypa
 
 def test_sweep_records_the_qat_epochs_each_bit_width_gets():
     assert sweep.SweepOptions(bits=(8, 4)).qat_epochs() == 4
-    assert sweep.SweepOptions(bits=(8, 4, 2)).qat_epochs() == {"8": 4, "4": 4, "2": 8}
+    assert sweep.SweepOptions(bits=(8, 4, 2)).qat_epochs() == {"8": 4, "4": 4, "2": 12}
     assert sweep.SweepOptions(bits=(8, 2), epochs=3).qat_epochs() == 3
-    assert sweep.SweepOptions(bits=(2,)).recipe()["epochs"] == 8
+    assert sweep.SweepOptions(bits=(2,)).recipe()["epochs"] == 12

@@ -23,7 +23,9 @@ DEFAULT_TEACHER = "cnnfc-teacher"
 DEFAULT_STUDENT = "cnnfc-student"
 DEFAULT_TARGET = "onnxruntime-cpu"
 # QAT epochs when --epochs is not given: 2-bit cells were still rising after 4 (README: Defaults, and why)
-QAT_EPOCHS, QAT_EPOCHS_LOW_BITS, LOW_BITS = 4, 8, 3
+QAT_EPOCHS, QAT_EPOCHS_LOW_BITS, LOW_BITS = 4, 12, 3
+# Hinton KD temperature of the QAT phase at LOW_BITS or fewer (README: Defaults, and why)
+QAT_TEMPERATURE_LOW_BITS = 1.0
 MAX_LOSS_TERMS = 64  # a recipe with more terms is refused (each term runs on every step)
 
 
@@ -113,6 +115,9 @@ OPTIONS: dict[str, Opt] = {o.name: o for o in [
         "[[loss]] terms."),
     Opt("temperature", 4.0, _NUM, "KD temperature T (hinton).", lo=0, lo_open=True),
     Opt("alpha", 0.9, _NUM, "Weight of the KD term, 1-alpha on labels (hinton).", lo=0, hi=1),
+    Opt("qat_temperature", None, _NUM, "KD temperature T of the QAT phase (hinton) [default: -T; "
+        f"{QAT_TEMPERATURE_LOW_BITS:g} when weights or activations have {LOW_BITS} bits or fewer].",
+        lo=0, lo_open=True, nullable=True),
     Opt("scheme", "offline", str, "offline: a fixed teacher; born-again: each generation taught by the previous "
         "student; dml: mutual learning with float peers; assistant: teacher -> assistant(s) -> student; "
         "progressive: bit schedule 8 -> 4 -> 2, each stage distilled from the last.",
@@ -231,6 +236,16 @@ def qat_epochs(epochs: int | None, weight_bits: int, act_bits: int) -> int:
     return QAT_EPOCHS_LOW_BITS if min(weight_bits, act_bits) <= LOW_BITS else QAT_EPOCHS
 
 
+def qat_temperature(opts, weight_bits: int, act_bits: int) -> float | None:
+    """Hinton's temperature in the QAT phase (None when the objective is not --method hinton): the one
+    given, else QAT_TEMPERATURE_LOW_BITS at LOW_BITS or fewer, else the float phase's ``temperature``."""
+    if opts.loss or opts.method != "hinton":
+        return None
+    if opts.qat_temperature is not None:
+        return opts.qat_temperature
+    return QAT_TEMPERATURE_LOW_BITS if min(weight_bits, act_bits) <= LOW_BITS else opts.temperature
+
+
 def check_bits(weight_bits, act_bits, weight_label="--weight-bits", act_label="--act-bits") -> tuple[int, int]:
     check("weight_bits", weight_bits, weight_label)
     check("act_bits", act_bits, act_label)
@@ -285,6 +300,7 @@ class DistillOptions(ReadOptions):
     method: str = default("method")  # a name in kd.LOSSES; ignored when ``loss`` (a recipe) is given
     temperature: float = default("temperature")  # hinton only (other methods: params)
     alpha: float = default("alpha")  # hinton only
+    qat_temperature: float | None = default("qat_temperature")  # hinton's T in QAT; None: qat_temperature()
     epochs: int | None = default("epochs")  # QAT epochs; None: qat_epochs() of the bits
     float_epochs: int = default("float_epochs")  # float KD epochs first (order float-first)
     teacher_epochs: int = default("teacher_epochs")

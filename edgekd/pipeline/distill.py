@@ -111,7 +111,8 @@ def _plan(opts: DistillOptions, out: Path | None, log: Log, asks: _Asks, resume:
         data.flip_augment = opts.flip
     student = make_student(opts.student, data, asks.objects.student, log, asks.trust_code)
     quant.trace(student.model)  # an untraceable student fails in seconds, not after the teacher
-    opts = replace(opts, order=order, epochs=op.qat_epochs(opts.epochs, spec.weight_bits, spec.act_bits))
+    opts = replace(opts, order=order, epochs=op.qat_epochs(opts.epochs, spec.weight_bits, spec.act_bits),
+                   qat_temperature=op.qat_temperature(opts, spec.weight_bits, spec.act_bits))
     return _Plan(opts, order, target, spec, new_objective, data, student.model, method, out,
                  student)
 

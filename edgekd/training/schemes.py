@@ -2,15 +2,13 @@
 
 Every scheme takes a ``Run`` (data, options, the final quantization spec, a factory for fresh
 objectives, a log) and returns an ``Outcome`` (the quantized student and its numbers). They all
-reuse ``two_phase``: a first stage when the objective has one (fsp: that term alone, then dropped),
-float KD for ``float_epochs`` when the order is ``float-first``, then quantization-aware training with
-the same objective (``joint``: QAT with KD from the first step).
+reuse ``two_phase``: a first stage when the objective has one (fsp: that term alone, then dropped), float KD
+for ``float_epochs`` (order ``float-first``), then QAT with the same objective (``joint``: from the first step).
 
 - ``offline``     (default) a fixed, pre-trained teacher (one, or several averaged: ``Ensemble``).
 - ``born-again``  Furlanello et al. 2018: generation k is taught by generation k-1's student.
-- ``dml``         Zhang et al. 2018, deep mutual learning: float peers trained with the student,
-                  each learning from every other network (CE + one KL at T=1 per other network,
-                  summed); no pre-trained teacher.
+- ``dml``         Zhang et al. 2018, deep mutual learning: float peers trained with the student, each learning
+                  from every other network (CE + one KL at T=1 per other network, summed); no teacher.
 - ``assistant``   Mirzadeh et al. 2020, teacher assistants: teacher -> assistant(s) -> student,
                   every link trained with the run's method.
 - ``progressive`` a bit schedule (e.g. 8 -> 4 -> 2): each stage starts from the previous
@@ -254,10 +252,20 @@ def two_phase(run: Run, student: nn.Module, teacher: nn.Module | None, spec, *, 
         _copy_weights(init_from, qmodel)
     qat_lr = o.qat_lr or quant.mobile.default_qat_lr(o.lr, float_epochs or init_from is not None or run.pretrained, student, run.log)
     cfg = _fit_cfg(run, epochs, qat_lr, o.seed + 1, f"QAT {spec.label}{tag}", quantized=True)
+    _qat_temperature(objective, o.qat_temperature, run.log)
     res = tr.fit(qmodel, run.data, cfg, objective, teacher, _epoch_logger(run, f"{spec.label}{tag}", "qat"),
                  peers=peers, cache=cache, checkpoint=run.phase(cfg.desc))
     return Outcome(qmodel, float_acc, res.best_val_accuracy, seconds + res.seconds, float_epochs, qat_lr,
                    student if float_epochs or (run.pretrained and init_from is None) else None)
+
+
+def _qat_temperature(objective, temperature: float | None, log) -> None:
+    """Hinton's temperature for the QAT phase (config.options.qat_temperature), logged when it changes."""
+    from ..kd.response import HintonKD
+    for _, _, term in objective.terms if temperature is not None else ():
+        if isinstance(term, HintonKD) and term.temperature != temperature:
+            log(f"QAT: KD temperature {temperature:g} (float phase {term.temperature:g}; --qat-temperature sets it)")
+            term.temperature = temperature
 
 
 def _copy_weights(src: nn.Module, dst: nn.Module) -> None:
