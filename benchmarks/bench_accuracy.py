@@ -2,7 +2,8 @@
 
 One resumable command builds the whole table with edgekd's own defaults (the ones `edgekd distill`
 uses): the default teacher (cnnfc-teacher) trained once, the default student (cnnfc-student,
-64k parameters), 12 float epochs, then 4 QAT epochs (12 at 2 bits), Hinton KD at T=4, alpha=0.9.
+64k parameters), 12 float epochs, then 4 QAT epochs (12 at 2 bits), Hinton KD at T=4 (T=1 in the QAT phase at 2 bits),
+alpha=0.9.
 
     nice python benchmarks/bench_accuracy.py [--root runs/bench-accuracy] [--seeds 0,1,2] [--parallel]
 
