@@ -268,3 +268,14 @@ def test_sweep_records_the_qat_epochs_each_bit_width_gets():
     assert sweep.SweepOptions(bits=(8, 4, 2)).qat_epochs() == {"8": 4, "4": 4, "2": 12}
     assert sweep.SweepOptions(bits=(8, 2), epochs=3).qat_epochs() == 3
     assert sweep.SweepOptions(bits=(2,)).recipe()["epochs"] == 12
+
+
+def test_sweep_records_hinton_qat_temperature_so_a_resume_cannot_mix_them(tmp_path):
+    assert sweep.SweepOptions(bits=(8, 4, 2)).qat_temperature() == {"8": 4.0, "4": 4.0, "2": 1.0}
+    assert sweep.SweepOptions(bits=(2,)).recipe()["qat_temperature"] == 1.0
+    assert "qat_temperature" not in sweep.SweepOptions(bits=(2,), methods=("none", "ptq")).recipe()
+    old = sweep.SweepOptions(bits=(2,)).recipe()
+    del old["qat_temperature"]  # a root written before the QAT-phase temperature existed (trained at T=4)
+    sweep.check_recipe(tmp_path, old)
+    with pytest.raises(EdgekdError, match="qat_temperature None -> 1.0"):
+        sweep.check_recipe(tmp_path, sweep.SweepOptions(bits=(2,)).recipe())

@@ -73,13 +73,21 @@ class SweepOptions:
         per = {str(b): op.qat_epochs(self.epochs, b, b) for b in self.bits if b < 32}
         return next(iter(per.values())) if len(set(per.values())) <= 1 and per else per
 
+    def qat_temperature(self) -> float | dict | None:
+        """Hinton's QAT-phase temperature of the trained cells, as qat_epochs (None without hinton)."""
+        if "hinton" not in self.methods:
+            return None
+        per = {str(b): op.qat_temperature(op.DistillOptions(), b, b) for b in self.bits if b < 32}
+        return next(iter(per.values())) if len(set(per.values())) <= 1 and per else per
+
     def recipe(self) -> dict:
         from ..data.options import DataOptions
 
         record = DataOptions(**self.read).record()
         return {k: v for k, v in asdict(self).items() if k in RECIPE_KEYS} | {"epochs": self.qat_epochs(),
             "data_options": record if record != DataOptions().record() else None,
-            "seeds": list(self.seeds) if self.seeds else None, "config": self.config}
+            "seeds": list(self.seeds) if self.seeds else None, "config": self.config} | (
+            {"qat_temperature": self.qat_temperature()} if "hinton" in self.methods else {})
 
 
 @dataclass
