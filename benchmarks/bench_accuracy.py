@@ -177,10 +177,13 @@ def with_previous(rows: list[dict], ort_rows: list[dict], path: Path) -> dict:
     rows.sort(key=lambda r: (COLUMNS.index((r["method"], r["bits"])), r["seed"]))
     if not ort_rows:
         ort_rows += [dict(r, **{"from": str(path)}) for r in old.get("ort_ptq", [])]
-    return {"file": str(path), "cells": [f"{r['cell']}" + ("" if r["cell"].endswith(f"-s{r['seed']}") else f"-s{r['seed']}")
-                                         for r in taken],
-            "teacher_accuracy": old["meta"].get("teacher_accuracy"), "int8_flags": old["meta"].get("int8_flags"),
-            "qat_over_float_epoch": old["meta"].get("qat_over_float_epoch", {})}
+    return {"file": str(path), "cells": [cell_id(r) for r in taken],
+            "teacher_accuracy": old["meta"].get("teacher_accuracy"), "int8_flags": old["meta"].get("int8_flags")}
+
+
+def cell_id(row: dict) -> str:
+    """A cell's name with its seed (one-seed sweeps leave the seed out of their cell names)."""
+    return row["cell"] + ("" if row["cell"].endswith(f"-s{row['seed']}") else f"-s{row['seed']}")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -305,8 +308,8 @@ def main() -> int:
             "teacher_accuracy": tm.get("accuracy"), "teacher_seconds": tm.get("seconds"),
             "script_seconds_this_invocation": time.time() - started}
     # QAT step cost: median QAT epoch / median float epoch of the same run (same process, same data)
-    meta["qat_over_float_epoch"] = {r["cell"] + ("" if r["cell"].endswith(f"-s{r['seed']}") else f"-s{r['seed']}"): round(r["phase_seconds"]["qat"]["median_epoch_s"]
-                                                                    / r["phase_seconds"]["float"]["median_epoch_s"], 2)
+    meta["qat_over_float_epoch"] = {cell_id(r): round(r["phase_seconds"]["qat"]["median_epoch_s"]
+                                                      / r["phase_seconds"]["float"]["median_epoch_s"], 2)
                                     for r in rows if {"float", "qat"} <= set(r.get("phase_seconds") or {})}
     cols = summarise(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -67,27 +67,30 @@ class SweepOptions:
             out += [Cell(32, "fp32", seed, tagged)] if self.reference else []
         return out
 
-    def qat_epochs(self) -> int | dict:
-        """The QAT epochs of the trained cells: one number, or per bit width ({"2": 8, "4": 4}) when the
-        default differs between them (what a resume must keep)."""
-        per = {str(b): op.qat_epochs(self.epochs, b, b) for b in self.bits if b < 32}
+    def _per_bits(self, value) -> object:
+        """``value(bits)`` of the trained cells: one value, or per bit width ({"2": 12, "4": 4}) when it
+        differs between them (what a resume must keep)."""
+        per = {str(b): value(b) for b in self.bits if b < 32}
         return next(iter(per.values())) if len(set(per.values())) <= 1 and per else per
 
+    def qat_epochs(self) -> int | dict:
+        """The QAT epochs of the trained cells (config.options.qat_epochs)."""
+        return self._per_bits(lambda b: op.qat_epochs(self.epochs, b, b))
+
     def qat_temperature(self) -> float | dict | None:
-        """Hinton's QAT-phase temperature of the trained cells, as qat_epochs (None without hinton)."""
+        """Hinton's QAT-phase temperature of the trained cells (None without hinton)."""
         if "hinton" not in self.methods:
             return None
-        per = {str(b): op.qat_temperature(op.DistillOptions(), b, b) for b in self.bits if b < 32}
-        return next(iter(per.values())) if len(set(per.values())) <= 1 and per else per
+        return self._per_bits(lambda b: op.qat_temperature(op.DistillOptions(), b, b))
 
     def recipe(self) -> dict:
         from ..data.options import DataOptions
 
-        record = DataOptions(**self.read).record()
+        record, temperature = DataOptions(**self.read).record(), self.qat_temperature()
         return {k: v for k, v in asdict(self).items() if k in RECIPE_KEYS} | {"epochs": self.qat_epochs(),
             "data_options": record if record != DataOptions().record() else None,
             "seeds": list(self.seeds) if self.seeds else None, "config": self.config} | (
-            {"qat_temperature": self.qat_temperature()} if "hinton" in self.methods else {})
+            {"qat_temperature": temperature} if temperature is not None else {})
 
 
 @dataclass
