@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -83,10 +85,54 @@ def _plain_name(name) -> bool:
 STRING_KEYS = ("target", "backend", "format", "model_file", "input_name")
 NUMBER_KEYS = ("torch_accuracy", "teacher_accuracy", "student_float_accuracy", "runtime_accuracy",
                "distill_student_accuracy", "runtime_accuracy_full", "torch_accuracy_full")  # each a number or null
+# the values a manifest field may take (checked when present and not null): (low, high) inclusive
+RANGES = {**{k: (0.0, 1.0) for k in NUMBER_KEYS}, "weight_bits": (1, 32), "act_bits": (1, 32),
+          "test_samples": (1, 10**9), "opset": (1, 100)}
+PARITY_RANGES = {"n": (0, 10**9), "top1_agreement": (0.0, 1.0), "max_abs_diff": (0.0, math.inf),
+                 "mean_abs_diff": (0.0, math.inf), "runtime_accuracy": (0.0, 1.0), "torch_accuracy": (0.0, 1.0),
+                 "disagreements": (0, 10**9)}
+INT_KEYS = ("weight_bits", "act_bits", "test_samples", "opset", "parity.n", "parity.disagreements")
+MAX_NAME = 200  # characters of a bundle's name (it is a table cell)
+MAX_CLASSES = 1_000_000
 
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _out_of_range(key: str, value, low, high) -> str | None:
+    """Why ``value`` is not a valid manifest ``key`` (a finite number in low..high), or None."""
+    if value is None:
+        return None
+    integer = key in INT_KEYS
+    if not _number(value) or (integer and not isinstance(value, int)):
+        return f"{key} must be {'an integer' if integer else 'a number'} or null, got {value!r}"
+    if isinstance(value, float) and math.isnan(value):
+        return f"{key} must be a number, got NaN"
+    if not low <= value <= high or (isinstance(value, float) and math.isinf(value)):
+        bound = f">= {low:g}" if math.isinf(high) else f"between {low:g} and {high:g}"
+        return f"{key} must be {bound}, got {value!r}"
+    return None
+
+
+def _range_problems(manifest: dict) -> list[str]:
+    """Every field outside its range: bits, accuracies (fractions), counts, parity, name, classes."""
+    found = [_out_of_range(k, manifest.get(k), *r) for k, r in RANGES.items()]
+    found += [_out_of_range(f"parity.{k}", manifest["parity"].get(k), *r) for k, r in PARITY_RANGES.items()]
+    name = manifest.get("name")
+    if name is not None and not (isinstance(name, str) and len(name) <= MAX_NAME):
+        found.append(f"name must be a string of at most {MAX_NAME} characters, got {str(name)[:40]!r}")
+    classes = manifest["classes"]
+    if isinstance(classes, list) and len(classes) > MAX_CLASSES:
+        found.append(f"classes lists {len(classes)} names, more than {MAX_CLASSES}")
+    estimates = manifest.get("fpga_estimates")
+    if estimates is not None and not (isinstance(estimates, dict)
+                                      and all(isinstance(v, dict) for v in estimates.values())):
+        found.append("fpga_estimates must map profile names to tables")
+    options = manifest.get("backend_options")
+    if options is not None and not isinstance(options, dict):
+        found.append(f"backend_options must be a table, got {options!r}")
+    return [p for p in found if p]
 
 
 def _check_manifest_types(manifest: dict, file: Path) -> None:
@@ -99,6 +145,7 @@ def _check_manifest_types(manifest: dict, file: Path) -> None:
                  if not isinstance(manifest[k], dict)]
     if problems:  # the checks below read these fields
         raise BundleError(f"corrupt bundle: {file}: {'; '.join(problems)}"[:600], "re-export the bundle")
+    problems = _range_problems(manifest)
     if not _plain_name(manifest["model_file"]):
         problems.append(f"model_file {manifest['model_file']!r} is not a file name inside the bundle")
     files = manifest["files"]
@@ -110,7 +157,7 @@ def _check_manifest_types(manifest: dict, file: Path) -> None:
     if not isinstance(manifest["classes"], list) or not manifest["classes"]:
         problems.append("classes must be a non-empty list")
     if problems:
-        raise BundleError(f"corrupt bundle: {file}: {'; '.join(problems)}", "re-export the bundle")
+        raise BundleError(f"corrupt bundle: {file}: {'; '.join(problems)}"[:600], "re-export the bundle")
 
 
 def verify_files(path: Path, manifest: dict) -> None:
@@ -130,12 +177,50 @@ def verify_files(path: Path, manifest: dict) -> None:
                           "re-export it with `edgekd export`")
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable, else free physical pages);
+    None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _npy_bytes(data, key: str) -> int:
+    """Bytes array ``key`` of an opened .npz takes once loaded, read from its header alone (a
+    compressed member can expand to far more than the file's size)."""
+    with data.zip.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, _, dtype = read(f)
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def _read_xy(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of eval.npz, refused before loading when they would take over half the memory available."""
+    with np.load(file, allow_pickle=False) as data:
+        need = sum(_npy_bytes(data, key) for key in ("x", "y"))
+        free = available_memory()
+        if free is not None and need * 2 > free:  # x is also converted to float32: room for a copy
+            raise BundleError(f"corrupt bundle: {file} holds {need / 1e6:.0f} MB of samples, more than half of the "
+                              f"{free / 1e6:.0f} MB of memory available here", "export with fewer --eval-samples")
+        return data["x"], data["y"]
+
+
 def load_eval(path: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
     """eval.npz's ``x`` (float32, N x input_shape) and ``y`` (int64, N), checked against the manifest."""
     try:
-        with np.load(path / "eval.npz", allow_pickle=False) as data:
-            x, y = data["x"], data["y"]
-    except (OSError, ValueError, KeyError, EOFError) as e:
+        x, y = _read_xy(path / "eval.npz")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise BundleError(f"corrupt bundle: cannot read x and y from {path / 'eval.npz'} ({e})") from None
     shape = tuple(manifest["input_shape"])
     if x.ndim != len(shape) + 1 or x.shape[1:] != shape or y.shape != (len(x),) or len(x) == 0:

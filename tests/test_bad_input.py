@@ -293,7 +293,7 @@ CASES = [
      ["unknown profile 'rpi6'", "did you mean"]),
     ("bench-profile-file-wrong-type", both(bundle("ort"), text("p.toml", PROFILE_HEAD + "[budgets]\nsize_mb = \"1\"\n")),
      ["bench", "b", "--profile", "p.toml"], ["key 'size_mb' must be number, got str '1'"]),
-    ("bench-negative-threads", bundle("ort"), ["bench", "b", "--threads", "-1"], ['--threads must be >= 0, got -1']),
+    ("bench-negative-threads", bundle("ort"), ["bench", "b", "--threads", "-1"], ['--threads must be between 0 and 1024, got -1']),
     ("bench-model-modified-after-export", bundle("ort-tampered"), ["bench", "b", "--strict"],
      ["model.onnx sha256 differs from the manifest", "re-export"], 1, "b: error:"),
     ("bench-garbage-manifest", bundle("ort-garbage-manifest"), ["bench", "b", "--strict"],

@@ -461,13 +461,18 @@ def test_unwritable_report_says_permission_denied_without_suggesting_out(tmp_pat
 
 # --- sweep -----------------------------------------------------------------------------------------------------
 
+def _distill_fails(*args, **kwargs):
+    raise RuntimeError("distill fails")
+
+
 def test_sweep_exits_1_when_every_cell_fails(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    result = run(*SWEEP, "--bits", "9,10", "--out", "sw")
+    monkeypatch.chdir(tmp_path)  # (bits outside 2..8 are refused before any cell: tests/test_safety_config.py)
+    monkeypatch.setattr("edgekd.pipeline.distill.distill", _distill_fails)
+    result = run(*SWEEP, "--bits", "8,4", "--out", "sw")
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
     assert result.exit_code == 1, result.output
-    assert "bits9-none" in result.output and "bits10-none" in result.output
+    assert "bits8-none" in result.output and "bits4-none" in result.output
 
 
 @pytest.mark.parametrize("cached", ['{"rows": 3}', "[1, 2]", '[{"status": "ok", "latency_ms": "fast", "accuracy": "high"}]',
@@ -476,7 +481,9 @@ def test_sweep_redoes_or_reports_cached_bench_rows_of_the_wrong_shape(cached, re
     """A cached bench file that is not a list of rows is benched again (then rewritten) or gives the
     cell an error row naming the bench stage; it never crashes the sweep."""
     monkeypatch.chdir(tmp_path)
-    run(*SWEEP, "--bits", "9", "--out", "sw")  # records the sweep's options in sw/sweep.json
+    with monkeypatch.context() as m:  # the cell fails at once; the sweep records its options in sw/sweep.json
+        m.setattr("edgekd.pipeline.distill.distill", _distill_fails)
+        run(*SWEEP, "--bits", "8", "--out", "sw")
     assert (tmp_path / "sw" / "sweep.json").is_file()
     shutil.copytree(real_run, tmp_path / "sw" / "runs" / "bits8-none")
     exported = run("export", "sw/runs/bits8-none", "--out", "sw/bundles/bits8-none", "-q")

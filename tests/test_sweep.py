@@ -116,15 +116,12 @@ def test_a_failing_cell_does_not_stop_the_others(swept, monkeypatch, tmp_path):
     assert "bits4-none: error: export: RuntimeError: boom" in report.render_table(out.rows)
 
 
-def test_an_invalid_bit_width_is_an_error_row(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    lines: list[str] = []
-    out = sweep.run_sweep(sweep.SweepOptions(root=tmp_path / "sw", **(OPTS | {"bits": (9,)})), log=lines.append,
-                          settings=FAST)
-    [r] = out.rows
-    assert r["status"] == "error" and r["error"].startswith("distill: ") and "between 2 and 8" in r["error"]
-    assert out.best is None and out.pareto == []
-    assert any(line.startswith("warning: bits 9") for line in lines)
+def test_an_invalid_bit_width_is_refused_before_any_cell(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # was: an error row per bad cell (tests/test_safety_config.py: every list)
+    _forbid_work(monkeypatch)
+    with pytest.raises(EdgekdError, match="every bit width of --bits must be between 2 and 8, got 9"):
+        sweep.run_sweep(sweep.SweepOptions(root=tmp_path / "sw", **(OPTS | {"bits": (8, 9)})), settings=FAST)
+    assert not (tmp_path / "sw").exists()
 
 
 def test_resume_with_other_training_options_is_refused(swept, monkeypatch):

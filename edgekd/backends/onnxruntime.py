@@ -117,6 +117,19 @@ def with_session_config(model_path, entries: dict) -> Path:
     return Path(model_path)
 
 
+# the session config entries edgekd stores in a model (see above); a model asking for others (thread
+# pools, affinities, allocators...) was not written by edgekd export and is refused
+STORED_CONFIG_KEYS = ("session.x64quantprecision", "session.qdqisint8allowed",
+                      "optimization.minimal_build_optimizations")
+
+
+def _check_stored_config(model_path: Path, config) -> None:
+    bad = [str(k) for k in config if k not in STORED_CONFIG_KEYS] if isinstance(config, dict) else [repr(config)]
+    if bad:
+        raise EdgekdError(f"{model_path} asks ONNX Runtime for session settings edgekd never stores: "
+                          f"{', '.join(bad)[:200]}", "re-export the bundle with `edgekd export`")
+
+
 def _session(model_path: Path, so, providers: Sequence[str] | None, config: dict | None = None):
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -126,6 +139,7 @@ def _session(model_path: Path, so, providers: Sequence[str] | None, config: dict
             config = session_config(model_path)
         except Exception:  # unreadable file: the session below reports it as the user error it is
             config = {}
+        _check_stored_config(model_path, config)
     for key, value in config.items():
         so.add_session_config_entry(key, str(value))
     chosen = select_providers(providers)

@@ -30,6 +30,12 @@ Definitions used in every row:
   needed at most on top of what the process already held). Both need /proc (Linux), and both
   count new resident pages only: memory the allocator reuses from earlier, freed allocations of
   the same process (an earlier bundle's) is already resident, so later bundles can show less.
+
+What the machine has bounds every run: at most as many intra-op threads as CPUs available to the
+process (more are cut to that, said in the row's ``note``); at most ``MAX_TIMED_RUNS`` timed runs
+whatever ``min_time_s`` asks; a batch whose input would take more than a quarter of the memory
+available is ``skipped`` (``note`` says why). The settings' own bounds are those of the options
+table (edgekd.config.options), checked by ``resolve_settings``.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-import sys
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,14 +52,18 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..backends import get_backend, get_runner, host_facts, release
-from ..bundle import (Bundle, BundleError, accuracy_source, batched_logits, check_labels, load_bundle,
-                      read_manifest)
-from ..catalog import BenchSettings, Budgets, Profile
-from ..core.errors import EdgekdError
+from ..bundle import (Bundle, BundleError, accuracy_source, available_memory, batched_logits, check_labels,
+                      load_bundle, read_manifest)
+from ..catalog import BenchSettings, Budgets, Profile, check_bench
+from ..core.errors import ConfigError, EdgekdError
+from ..core.registry import suggest
 from .budgets import apply_budgets
+from .memory import (MB, MemoryProbe, _proc_status_mb, available_cpus, peak_rss_mb, reset_peak_rss,  # noqa: F401
+                     usable_threads)
 
-MB = 1e6
 ACCURACY_BATCH = 64  # batch used for accuracy when the model's batch dimension is dynamic
+MAX_TIMED_RUNS = 1_000_000  # timed runs kept per row at most (8 MB of samples), whatever min_time_s asks
+INPUT_MEMORY_SHARE = 4  # a batch's input may take at most 1/4 of the memory available
 
 
 @dataclass
@@ -103,19 +113,20 @@ class Row:
 
 def time_runs(fn: Callable[[], Any], warmup: int, warmup_s: float, iterations: int, min_time_s: float,
               clock: Callable[[], float] = time.perf_counter) -> np.ndarray:
-    """Seconds taken by each timed call of ``fn`` (see the module docstring for the rule)."""
+    """Seconds taken by each timed call of ``fn`` (see the module docstring for the rule); at most
+    MAX_TIMED_RUNS of them."""
     start = clock()
     done = 0
     while done < warmup or clock() - start < warmup_s:
         fn()
         done += 1
-    samples: list[float] = []
+    samples = array("d")
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
     try:
         start = clock()
-        while len(samples) < iterations or clock() - start < min_time_s:
+        while (len(samples) < iterations or clock() - start < min_time_s) and len(samples) < MAX_TIMED_RUNS:
             t0 = clock()
             fn()
             samples.append(clock() - t0)
@@ -148,72 +159,37 @@ def top1_accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == y))
 
 
-# --- memory -------------------------------------------------------------------------------------------
-
-def _proc_status_mb(key: str) -> float | None:
-    """A kB field of /proc/self/status (VmRSS, VmHWM) in MB, or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024 / MB
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux >= 4.0); True when it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float | None:
-    """getrusage ru_maxrss in MB (the kernel reports kilobytes on Linux, bytes on macOS);
-    None where the ``resource`` module does not exist (Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return raw / MB if sys.platform == "darwin" else raw * 1024 / MB
-
-
-@dataclass
-class MemoryProbe:
-    """RSS around loading and running one model (see the module docstring)."""
-
-    scope: str = "process"
-    rss_before: float | None = None
-
-    def start(self) -> "MemoryProbe":
-        gc.collect()
-        self.scope = "bundle" if reset_peak_rss() else "process"
-        self.rss_before = _proc_status_mb("VmRSS")
-        return self
-
-    def result(self) -> dict:
-        # clear_refs resets the kernel's VmHWM, not getrusage's ru_maxrss: read the peak that was reset.
-        peak = _proc_status_mb("VmHWM") if self.scope == "bundle" else peak_rss_mb()
-        rss_after = _proc_status_mb("VmRSS")
-        known = self.rss_before is not None
-        return {"peak_rss_mb": peak, "peak_rss_scope": self.scope if peak is not None else None,
-                "rss_increase_mb": rss_after - self.rss_before if known and rss_after is not None else None,
-                "peak_rss_increase_mb": peak - self.rss_before if known and self.scope == "bundle" else None}
-
-
 def resolve_settings(profile: Profile | None = None, **overrides) -> BenchSettings:
-    """The profile's bench settings (or the defaults) with the non-None ``overrides`` applied.
-    ``batch_sizes`` may be given as any sequence; an empty one means "not given"."""
+    """The profile's bench settings (or the defaults) with the non-None ``overrides`` applied, checked
+    against the options table's bounds (a ConfigError naming the option otherwise). ``batch_sizes``
+    may be given as any sequence; an empty one means "not given"."""
     settings = profile.bench if profile is not None else BenchSettings()
+    known = [f.name for f in dataclasses.fields(BenchSettings)]
+    for key in overrides:
+        if key not in known:
+            raise ConfigError(f"unknown bench setting {key!r}{suggest(key, known)}", f"choose from: {', '.join(known)}")
     given = {k: v for k, v in overrides.items() if v is not None and v != ()}
     if "batch_sizes" in given:
         given["batch_sizes"] = tuple(given["batch_sizes"])
-    return dataclasses.replace(settings, **given)
+    settings = dataclasses.replace(settings, **given)
+    check_bench(settings, "")
+    return settings
+
+
+def _input_too_big(batch: int, bundle: Bundle) -> str | None:
+    """Why a batch of ``batch`` eval samples cannot be built here (over a share of the memory
+    available), or None."""
+    need = batch * bundle.x[:1].nbytes
+    free = available_memory()
+    if free is None or need <= free / INPUT_MEMORY_SHARE:
+        return None
+    return (f"batch size {batch} needs {need / MB:.0f} MB of input, over 1/{INPUT_MEMORY_SHARE} of the "
+            f"{free / MB:.0f} MB of memory available here")
+
+
+def _add_note(row: Row, text: str | None) -> None:
+    if text:
+        row.note = f"{row.note}; {text}" if row.note else text
 
 
 # --- benchmarking -------------------------------------------------------------------------------------
@@ -268,6 +244,10 @@ def _batch_row(base: Row, runner, handle, bundle: Bundle, batch: int, settings: 
         row.note = (f"the model has a fixed batch dimension of {fixed}; "
                     f"re-export with a dynamic batch axis to bench batch size {batch}")
         return row
+    too_big = _input_too_big(batch, bundle)
+    if too_big:
+        row.status, row.note = "skipped", f"{too_big}; bench a smaller --batch-size"
+        return row
     xb = np.ascontiguousarray(np.resize(bundle.x, (batch,) + bundle.x.shape[1:]))
     seconds = time_runs(runner.timed_call(handle, xb), settings.warmup, settings.warmup_s,
                         settings.iterations, settings.min_time_s)
@@ -281,10 +261,25 @@ def _batch_row(base: Row, runner, handle, bundle: Bundle, batch: int, settings: 
 
 def _measure(bundle: Bundle, settings: BenchSettings, profile: str | None) -> list[Row]:
     runner = get_runner(bundle.manifest["backend"])
+    threads, threads_note = usable_threads(settings.threads)
     memory = MemoryProbe().start()
-    handle = runner.load(bundle.model_path, settings.threads, bundle.manifest.get("backend_options") or {})
+    handle = runner.load(bundle.model_path, threads, bundle.manifest.get("backend_options") or {})
+    try:
+        return _measure_loaded(bundle, settings, profile, runner, handle, memory, threads_note)
+    finally:
+        release(runner, handle)
+
+
+def _measure_loaded(bundle: Bundle, settings: BenchSettings, profile: str | None, runner, handle,
+                    memory: MemoryProbe, threads_note: str | None) -> list[Row]:
     info = runner.input_info(handle)
     fixed = info["fixed_batch"]
+    if fixed is not None:
+        valid = isinstance(fixed, int) and not isinstance(fixed, bool) and fixed > 0
+        problem = _input_too_big(fixed, bundle) if valid else "not a positive integer"
+        if problem:
+            raise BundleError(f"the model's fixed batch dimension {fixed} cannot be run here: {problem}",
+                              "re-export the bundle with a dynamic batch axis")
     logits = batched_logits(runner, handle, bundle.x, fixed or ACCURACY_BATCH, fixed is not None)
     _check_io(bundle, info, logits)
     check_labels(bundle)
@@ -297,11 +292,10 @@ def _measure(bundle: Bundle, settings: BenchSettings, profile: str | None) -> li
             rows.append(dataclasses.replace(base, status="error", batch_size=batch, error=_message(e)))
     measured = memory.result()
     environment = runner.describe_environment(handle)
-    release(runner, handle)
     for row in rows:
         row.environment = environment
-        if environment.get("fallback"):  # e.g. the execution provider the target asks for is missing here
-            row.note = environment["fallback"]
+        _add_note(row, threads_note)
+        _add_note(row, environment.get("fallback"))  # e.g. the execution provider the target asks for is missing
         if row.status != "error":
             for key, value in measured.items():
                 setattr(row, key, value)
@@ -338,12 +332,18 @@ def _estimated_rows(bundle: Bundle, est: dict | None, settings: BenchSettings, p
 
 
 def _check_estimate(est: dict) -> None:
-    """The estimate's speed must be a positive finite number (else no row could be called ok)."""
-    for key in ("throughput_ips", "latency_ms"):
-        value = est.get(key)
-        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                      and math.isfinite(value) and value > 0):
+    """The estimate's speed must be a positive finite number (else no row could be called ok), and
+    every other number in it (resources, counts, clock) finite and not negative."""
+    for key, value in est.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        positive = key in ("throughput_ips", "latency_ms")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
             raise BundleError(f"the bundle's estimate for {est.get('profile')} has {key} {value!r}, which is not "
+                              f"a {'positive' if positive else 'non-negative'} finite number", "re-export the bundle")
+    for key in ("throughput_ips", "latency_ms"):
+        if est.get(key) is not None and (not isinstance(est[key], (int, float)) or isinstance(est[key], bool)):
+            raise BundleError(f"the bundle's estimate for {est.get('profile')} has {key} {est[key]!r}, which is not "
                               "a positive finite number", "re-export the bundle")
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..core.errors import MissingExtraError
-from ..core.fsutil import atomic_path, check_output, write_json, write_text
+from ..core.text import clean
+from ..core.fsutil import atomic_path, write_json, write_text
+from .outputs import check_outputs  # noqa: F401  (the CLI calls it as report.check_outputs)
 
 
 def records(rows: Sequence[Any]) -> list[dict]:
@@ -121,7 +123,7 @@ def columns_for(rows: list[dict], extra: Sequence[Column] = ()) -> tuple[Column,
 
 def _cells(rows: list[dict], extra: Sequence[Column] = ()) -> tuple[tuple[Column, ...], list[list[str]]]:
     cols = columns_for(rows, extra)
-    return cols, [[c.cell(r) for c in cols] for r in rows]
+    return cols, [[clean(c.cell(r)) for c in cols] for r in rows]
 
 
 # --- notes under the table ---------------------------------------------------------------------------------
@@ -206,12 +208,14 @@ def render_table(rows: Sequence[Any], extra: Sequence[Column] = (), footer: Sequ
         return "  ".join(s.rjust(w) if c.numeric else s.ljust(w) for c, s, w in zip(cols, cells, widths)).rstrip()
 
     lines = [fmt([c.header for c in cols]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in body]
-    below = list(footer) + notes(rows)
+    below = [clean(line) for line in list(footer) + notes(rows)]
     return "\n".join(lines + ([""] + below if below else [])) + "\n"
 
 
 def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """One Markdown table cell or list item: cleaned (``clean``), backslashes and pipes escaped (a
+    pipe would start a new cell), ``<`` as an entity (no HTML)."""
+    return clean(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
 
 
 def render_markdown(rows: Sequence[Any], extra: Sequence[Column] = (), footer: Sequence[str] = ()) -> str:
@@ -241,25 +245,28 @@ def flatten(row: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _csv_safe(value):
+    """A text cell a spreadsheet would run as a formula (=, +, @, -x, tab, CR first) gets a leading
+    apostrophe; numbers and other text are kept as they are (the csv module quotes line breaks)."""
+    if isinstance(value, str) and value and (value[0] in "=+@\t\r"
+                                             or (value[0] == "-" and value[1:2] not in ("", ".", *"0123456789"))):
+        return "'" + value
+    return value
+
+
 def render_csv(rows: Sequence[Any]) -> str:
-    """One flattened line per row; the header is the union of keys in first-seen order."""
-    flat = [flatten(r) for r in records(rows)]
+    """One flattened line per row (CRLF-terminated); the header is the union of keys in first-seen
+    order. Text that a spreadsheet would evaluate is neutralised (``_csv_safe``)."""
+    flat = [{k: _csv_safe(v) for k, v in flatten(r).items()} for r in records(rows)]
     header: dict[str, None] = {}
     for r in flat:
         header.update(dict.fromkeys(r))
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(header), restval="", lineterminator="\n")
+    # CRLF line ends (RFC 4180, the csv module's default): a field holding a CR or an LF is then quoted
+    writer = csv.DictWriter(out, fieldnames=list(header), restval="", lineterminator="\r\n")
     writer.writeheader()
     writer.writerows(flat)
     return out.getvalue()
-
-
-def check_outputs(inputs: Sequence = (), overwrite: bool = False, **paths) -> None:
-    """Before any bench: each report path given (option name -> path, e.g. ``json=rows.json``)
-    obeys the output-path rule (core.fsutil.check_output; edgekd recognises its own reports)."""
-    for option, path in paths.items():
-        if path is not None:
-            check_output(path, "report", inputs, overwrite, label=f"--{option}")
 
 
 def write_outputs(rows: Sequence[Any], json_path=None, csv_path=None, markdown_path=None,
@@ -285,6 +292,11 @@ def check_plot_available() -> None:
     """Raise MissingExtraError unless matplotlib can be imported (checked before benchmarking)."""
     if importlib.util.find_spec("matplotlib") is None:
         raise MissingExtraError("matplotlib", "plot", "--plot")
+
+
+def _plain(text: str) -> str:
+    """Text matplotlib draws as written: cleaned (``clean``), ``$`` escaped (no mathtext)."""
+    return clean(text).replace("$", "\\$")
 
 
 def _marker_area(size_mb: float | None) -> float:
@@ -329,7 +341,7 @@ def plot(rows: Sequence[Any], path, budgets=None, title: str | None = None, fron
         p50, acc = (r.get("latency_ms") or {}).get("p50"), r.get("accuracy")
         if p50 is None or acc is None:
             continue
-        label = f"{r['bundle']} b{r.get('batch_size')} ({bits_label(r)}, {_sig(r.get('size_mb'))} MB)"
+        label = _plain(f"{r['bundle']} b{r.get('batch_size')} ({bits_label(r)}, {_sig(r.get('size_mb'))} MB)")
         ax.scatter([p50], [acc], s=_marker_area(r.get("size_mb")), alpha=0.7, label=label,
                    marker="^" if r.get("source") == "estimated" else "o")
         ax.annotate(bits_label(r), (p50, acc), textcoords="offset points", xytext=(6, 6), fontsize="small")
@@ -347,7 +359,7 @@ def plot(rows: Sequence[Any], path, budgets=None, title: str | None = None, fron
         ax.xaxis.set_minor_formatter(NullFormatter())  # matplotlib's minor labels collide here
     ax.set_xlabel("p50 latency per call (ms)")
     ax.set_ylabel("top-1 accuracy through the runtime")
-    ax.set_title(title or "edgekd bench: accuracy vs latency (marker area ~ model size)")
+    ax.set_title(_plain(title or "edgekd bench: accuracy vs latency (marker area ~ model size)"))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     with atomic_path(path) as tmp:

@@ -9,5 +9,5 @@ will not accept or not accelerate). Must not import torch: bench runs on devices
 from .loading import (as_dict, data_dir, list_profiles, list_targets, load_profile, load_target,  # noqa: F401
                       parse_profile, profile_names, resolve_profile, resolve_target, target_names)
 from .preflight import LEVELS, preflight, require_deployable  # noqa: F401
-from .schema import (MAX_BITS, MIN_BITS, PERCENTILES, BenchSettings, Budgets, Clocks, Conventions, Profile,  # noqa: F401
-                     Target, Tolerance, bits_text, parse_target)
+from .schema import (MAX_BATCH_SIZES, MAX_BITS, MIN_BITS, PERCENTILES, BenchSettings, Budgets, Clocks,  # noqa: F401
+                     Conventions, Profile, Target, Tolerance, bits_text, check_bench, parse_target)

@@ -44,6 +44,10 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: invalid TOML ({e})", "fix the syntax of the file") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8 text (byte {e.start})", "save the file as UTF-8") from None
+    except (RecursionError, ValueError, OverflowError) as e:  # tomllib's limits: nesting, integer digits
+        from ..config.tomlfile import limit_error
+
+        raise limit_error(e, str(path)) from None
 
 
 def _profile_target(entry: str, base: Path, where: str) -> str:

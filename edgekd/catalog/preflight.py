@@ -68,13 +68,49 @@ def _convention_findings(t: Target, weight_bits: int, act_bits: int) -> list[dic
     return out
 
 
-def preflight(target: Target | str, weight_bits: int, act_bits: int) -> list[dict]:
-    """Before training: what `target` will not accept or not accelerate at these bit widths.
+def _rule_findings(t: Target, rules) -> list[dict]:
+    """Per-layer rules (quant.layerbits.LayerRule) whose widths ``t`` does not accept."""
+    out = []
+    for r in rules:
+        for kind, bits, label in (("weight", r.weight, "weights"), ("act", r.act, "activations")):
+            accepted = getattr(t, f"{kind}_bits")
+            if bits is not None and bits not in accepted:
+                nearest = min((b for b in accepted if b >= bits), default=max(accepted))
+                out.append(_finding("error", f"layer_{kind}_bits_not_accepted",
+                                    f"{t.name} does not accept {bits}-bit {label}, asked by --layer-bits {r.text} "
+                                    f"(it accepts {bits_text(accepted)})",
+                                    f"use {nearest} bits in that rule"))
+    return out
+
+
+def _mixed_finding(t: Target, weight_bits: int, act_bits: int, rules) -> dict:
+    """Which of the widths a mixed-precision student uses ``t`` accepts and accelerates."""
+    used = {"weight": {weight_bits} | {r.weight for r in rules if r.weight},
+            "act": {act_bits} | {r.act for r in rules if r.act}}
+    if t.quant.first_last_bits != op.SAME:
+        used["weight"].add(t.quant.first_last_bits)
+    parts = []
+    for kind, label in (("weight", "weights"), ("act", "activations")):
+        fast = sorted(b for b in used[kind] if b in t.accelerated(kind))
+        slow = sorted(b for b in used[kind] if b in getattr(t, f"{kind}_bits") and b not in t.accelerated(kind))
+        parts.append(f"{label} at {bits_text(used[kind])} bits: accelerated {bits_text(fast) or 'none'}"
+                     + (f"; {bits_text(slow)} run on {bits_text(t.accelerated(kind))}-bit kernels" if slow else ""))
+    return _finding("info", "mixed_bits", f"{t.name} takes a width per layer (each layer has its own quantizers); "
+                    + "; ".join(parts), "")
+
+
+def preflight(target: Target | str, weight_bits: int, act_bits: int, layer_bits=()) -> list[dict]:
+    """Before training: what `target` will not accept or not accelerate at these bit widths, and
+    with per-layer rules (``layer_bits``: quant.layerbits rules or --layer-bits strings), which of
+    the mixed widths it accepts and accelerates.
 
     Returns findings {level: error|warning|info, code, message, suggestion}, errors first.
     Based on the target's declared bits and conventions only (no model is inspected).
     """
+    from ..config.layerbits import rules_from
+
     t = load_target(target) if isinstance(target, str) else target
+    rules = rules_from(layer_bits)
     findings = []
     for kind, bits in (("weight", weight_bits), ("act", act_bits)):
         try:
@@ -86,12 +122,14 @@ def preflight(target: Target | str, weight_bits: int, act_bits: int) -> list[dic
         findings += _bits_findings(t, "weight", weight_bits, act_bits)
         findings += _bits_findings(t, "act", act_bits, weight_bits)
         findings += _convention_findings(t, weight_bits, act_bits)
+        if rules:
+            findings += _rule_findings(t, rules) + [_mixed_finding(t, weight_bits, act_bits, rules)]
     return sorted(findings, key=lambda f: LEVELS.index(f["level"]))
 
 
-def require_deployable(target: Target | str, weight_bits: int, act_bits: int) -> list[dict]:
+def require_deployable(target: Target | str, weight_bits: int, act_bits: int, layer_bits=()) -> list[dict]:
     """preflight, raising one IncompatibleError that lists every error; returns the other findings."""
-    findings = preflight(target, weight_bits, act_bits)
+    findings = preflight(target, weight_bits, act_bits, layer_bits)
     errors = [f for f in findings if f["level"] == "error"]
     if errors:
         name = target if isinstance(target, str) else target.name

@@ -60,6 +60,7 @@ from ..core.registry import suggest
 
 MIN_BITS, MAX_BITS = op.MIN_BITS, op.MAX_BITS
 PERCENTILES = ("p50", "p90", "p95", "p99", "mean")
+MAX_BATCH_SIZES = 16  # batch sizes one bench run times (each one is a row per bundle)
 
 
 # --- dataclasses ---------------------------------------------------------------------------------
@@ -358,12 +359,20 @@ def _check_hardware(table: dict, where: str, schema=HARDWARE_KEYS, prefix="hardw
         _check_choice(table["kind"], ACCELERATOR_KINDS, "hardware.accelerator.kind", where)
 
 
-def _check_bench(bench: BenchSettings, where: str) -> None:
-    """The same bounds as the bench options of the command line (edgekd.config.options)."""
+def check_bench(bench: BenchSettings, where: str) -> None:
+    """The same bounds as the bench options of the command line (edgekd.config.options), and at
+    most MAX_BATCH_SIZES distinct batch sizes. ``where`` prefixes each key ("" for none)."""
     for key in ("threads", "warmup", "warmup_s", "iterations", "min_time_s", "batch_sizes"):
-        op.check(key, getattr(bench, key), f"{where}: {key}")
+        op.check(key, getattr(bench, key), f"{where}: {key}" if where else None)
+    prefix = f"{where}: " if where else ""
     if not bench.batch_sizes:
-        raise ConfigError(f"{where}: batch_sizes must be a non-empty list of positive integers")
+        raise ConfigError(f"{prefix}batch_sizes must be a non-empty list of positive integers")
+    if len(bench.batch_sizes) > MAX_BATCH_SIZES:
+        raise ConfigError(f"{prefix}{len(bench.batch_sizes)} batch sizes given, at most "
+                          f"{MAX_BATCH_SIZES} are benched in one run", "give fewer batch sizes")
+
+
+_check_bench = check_bench  # the name loading.py imports
 
 
 def _check_clocks(clocks: Clocks, where: str) -> None:

@@ -4,8 +4,8 @@ line on stderr and exit code 2. Heavy imports (torch, brevitas) happen inside th
 
 ``app`` (the group), ``common`` (options from the options table), one module per stage:
 ``training`` (train, distill, quantize), ``deploy`` (export, compile), ``benching`` (bench, sweep),
-``catalog`` (targets, profiles, check); ``render`` holds the catalog's tables.
+``catalog`` (targets, profiles, check), ``explain`` (per-layer errors); ``render`` holds the catalog's tables.
 """
 
-from . import benching, catalog, deploy, training  # noqa: F401  (register the commands)
+from . import benching, catalog, deploy, explain, training  # noqa: F401  (register the commands)
 from .app import main  # noqa: F401

@@ -10,6 +10,7 @@ import warnings
 import click
 
 from .. import __version__
+from ..core import interrupts
 from ..core.errors import EdgekdError
 from ..core.interrupts import Terminated, as_interrupts
 
@@ -40,16 +41,39 @@ class EdgekdGroup(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx):
-        try:
-            with as_interrupts():
-                return super().invoke(ctx)
-        except EdgekdError as e:
-            click.echo(f"error: {e.one_line()}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt as e:
-            term = isinstance(e, Terminated)
-            click.echo(f"error: interrupted by {'SIGTERM' if term else 'SIGINT'}", err=True)
-            sys.exit(143 if term else 130)
+        """Run the command; a signal received meanwhile ends it with 128 + the signal's number (130
+        SIGINT, 143 SIGTERM) and one line, whatever exception it surfaced as (core.interrupts)."""
+        with as_interrupts():
+            try:
+                result = super().invoke(ctx)
+            except (SystemExit, click.exceptions.Exit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - every end is one line; anything else is re-raised
+                _fail(e)
+                raise
+            name = interrupts.last(raised_only=True)  # an interrupt dropped on its way up: nothing was committed
+            if name is not None:
+                _exit(f"interrupted by {name}", interrupts.exit_code(name))
+            return result
+
+
+def _exit(line: str, code: int) -> None:
+    interrupts.settle()
+    click.echo(f"error: {line}", err=True)
+    sys.exit(code)
+
+
+def _fail(e: BaseException) -> None:
+    """End the command for exception ``e`` with one line, or return (the caller re-raises it)."""
+    name = interrupts.last()
+    if name is not None:  # interrupted: the exception is what the signal became (an ImportError around an import...)
+        own = isinstance(e, EdgekdError) and e.exit_code == 130  # edgekd's own report of the interruption
+        _exit(e.one_line() if own else f"interrupted by {name}", interrupts.exit_code(name))
+    if isinstance(e, EdgekdError):
+        _exit(e.one_line(), e.exit_code)
+    if isinstance(e, KeyboardInterrupt):  # raised by other code than edgekd's handler
+        term = isinstance(e, Terminated)
+        _exit(f"interrupted by {'SIGTERM' if term else 'SIGINT'}", 143 if term else 130)
 
 
 @click.group(cls=EdgekdGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -20,7 +20,8 @@ def host_options(f):
         click.option("--remote-python", default="python3", show_default=True, metavar="PATH",
                      help="With --host: the device's Python (>= 3.10) that makes the environment."),
         click.option("--remote-dir", default="~/.cache/edgekd", show_default=True, metavar="DIR",
-                     help="With --host: where bundles, the wheel and the venv live on the device."),
+                     help="With --host: where bundles, the wheel and the venv live on the device: a new or empty "
+                          "folder, or one edgekd made (not a link; a folder holding other files is refused)."),
         click.option("--system-site-packages", is_flag=True,
                      help="With --host: the venv also sees the device's packages (JetPack's TensorRT)."),
         click.option("--wheelhouse", type=click.Path(file_okay=False, exists=True, path_type=Path), metavar="DIR",
@@ -31,7 +32,7 @@ def host_options(f):
                      help="With --host: ssh -F FILE."),
         click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE",
                      help="With --host: passed to ssh as -o KEY=VALUE (repeatable)."),
-        click.option("--connect-timeout", type=click.IntRange(min=1), default=10, show_default=True,
+        click.option("--connect-timeout", type=click.IntRange(min=1, max=3600), default=10, show_default=True,
                      metavar="SECONDS", help="With --host: ssh ConnectTimeout."),
     ]):
         f = decorator(f)

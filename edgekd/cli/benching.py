@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..core.text import clean
 from . import common as c
 from .app import main
 from .bench_host import bench_on_hosts, host_options, split_host_options
@@ -60,18 +61,29 @@ def bench_command(bundles, profile, json_path, csv_path, markdown_path, plot_pat
     prof = load_profile(profile) if profile else None
     settings = bench_core.resolve_settings(prof, **overrides)
     paths = bench_core.resolve_bundles(bundles)
-    report.check_outputs(paths, overwrite, json=json_path, csv=csv_path, markdown=markdown_path, plot=plot_path)
+    inputs = [*paths, prof.path] if prof and prof.path else paths  # a report never replaces what is read
+    report.check_outputs(inputs, overwrite, json=json_path, csv=csv_path, markdown=markdown_path, plot=plot_path)
     if remote["hosts"]:
         outputs = {"json": json_path, "csv": csv_path, "markdown": markdown_path, "plot": plot_path}
         click.get_current_context().exit(bench_on_hosts(paths, prof, overrides, remote, outputs, strict))
-    rows = bench_core.bench_bundles(paths, settings, prof.budgets if prof else None, prof.name if prof else None,
-                                    progress=lambda p: click.echo(f"benchmarking {p} ...", err=True))
+    rows = _bench_here(paths, settings, prof)
     click.echo(report.render_table(rows), nl=False)
     for path in report.write_outputs(rows, json_path, csv_path, markdown_path):
-        click.echo(f"wrote {path}", err=True)
+        click.echo(f"wrote {clean(path)}", err=True)
     if plot_path:
-        click.echo(f"wrote {report.plot(rows, plot_path, prof.budgets if prof else None)}", err=True)
+        click.echo(f"wrote {clean(report.plot(rows, plot_path, prof.budgets if prof else None))}", err=True)
     click.get_current_context().exit(bench_core.exit_code(rows, strict))
+
+
+def _bench_here(paths, settings, prof):
+    """Bench on this machine; Ctrl-C / SIGTERM stop it within seconds even inside the runtime's C
+    code (cli.stopping: nothing is written until the rows are complete)."""
+    from .. import bench as bench_core
+    from .stopping import stop_promptly
+
+    with stop_promptly():
+        return bench_core.bench_bundles(paths, settings, prof.budgets if prof else None, prof.name if prof else None,
+                                        progress=lambda p: click.echo(f"benchmarking {clean(p)} ...", err=True))
 
 
 
@@ -104,6 +116,7 @@ def _sweep_columns():
 @click.option("--config", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.toml",
               help="A distill recipe applied to every trained cell.")
 @c.flag("target", help="Target name, alias or .toml file.")
+@c.layer_bits_opt
 @click.option("--profile", metavar="NAME|FILE.toml", help="Device profile: bench settings and budgets.")
 @click.option("--teacher", help="Teacher checkpoint file or architecture [default: cnnfc-teacher].")
 @c.flag("student")
@@ -120,7 +133,7 @@ def _sweep_columns():
 @click.option("--plot", "plot_path", type=c.OutPath(), metavar="FILE.png",
               help="Plot accuracy vs p50 latency with the Pareto set (needs: pip install 'edgekd[plot]').")
 @c.quiet_opt
-def sweep_command(data, bits, methods, seeds, reference, config, target, profile, teacher, student, epochs,
+def sweep_command(data, bits, methods, seeds, reference, config, target, layer_bits, profile, teacher, student, epochs,
                   float_epochs, teacher_epochs, seed, out, overwrite, json_path, markdown_path, plot_path, quiet,
                   **read):
     """Distill, export and bench each bit width (and method), then show the Pareto set.
@@ -141,7 +154,7 @@ def sweep_command(data, bits, methods, seeds, reference, config, target, profile
                         data=data, target=target, student=student, teacher=teacher, epochs=epochs,
                         float_epochs=float_epochs, teacher_epochs=teacher_epochs, seed=seed, profile=profile,
                         seeds=_sweep_ints(seeds, "--seeds") if seeds else None, reference=reference,
-                        config=str(config) if config else None,
+                        config=str(config) if config else None, layer_bits=tuple(layer_bits),
                         root=out, progress=not quiet, overwrite=overwrite, read=read)
     result = run_sweep(opts, log=c.logger(quiet))
     cols, footer = _sweep_columns(), summary(result)

@@ -88,8 +88,9 @@ def profiles_show(name, as_json):
 @click.option("--bits", default=8, show_default=True, type=int, help="Weight and activation bits.")
 @click.option("--weight-bits", type=int, help="Weight bits, overriding --bits.")
 @click.option("--act-bits", type=int, help="Activation bits, overriding --bits.")
+@c.layer_bits_opt
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
-def check_command(target, student, bits, weight_bits, act_bits, as_json):
+def check_command(target, student, bits, weight_bits, act_bits, layer_bits, as_json):
     """Pre-flight, before training: what TARGET will not accept or not accelerate at these bits.
 
     Exits 2 when any finding is an error (the exported model would not run on the target).
@@ -98,10 +99,11 @@ def check_command(target, student, bits, weight_bits, act_bits, as_json):
 
     w, a = c.bits(bits, weight_bits, act_bits)
     t = catalog.load_target(target)
-    found = catalog.preflight(t, w, a)
+    found = catalog.preflight(t, w, a, list(layer_bits))
     errors = sum(f["level"] == "error" for f in found)
     if as_json:
-        click.echo(render.as_json({"target": t.name, "weight_bits": w, "act_bits": a, "student": student,
+        click.echo(render.as_json({"target": t.name, "weight_bits": w, "act_bits": a, "layer_bits": list(layer_bits),
+                                   "student": student,
                                    "ok": errors == 0, "findings": found}))
     else:
         _echo(render.findings(t, w, a, found))

@@ -73,17 +73,18 @@ def bit_list(text: str | None) -> list[int] | None:
 
 
 def params(items) -> dict:
-    """--param KEY=VALUE pairs; values parse as TOML (numbers, strings, lists), else stay strings."""
-    import tomllib
+    """--param KEY=VALUE pairs; values parse as TOML (numbers, strings, lists), else stay strings. A value
+    past the TOML reader's limits (deep nesting, an integer of thousands of digits) is one error."""
+    from ..config import tomlfile
 
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise EdgekdError(f"--param takes KEY=VALUE, got {item!r}", "e.g. --param beta=8")
+            raise EdgekdError(f"--param takes KEY=VALUE, got {op.shown(item)}", "e.g. --param beta=8")
         try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
+            out[key.strip()] = tomlfile.value(value, f"--param {op.shown(key.strip(), 40)}")
+        except tomlfile.DecodeError:
             out[key.strip()] = value
     return out
 
@@ -114,6 +115,8 @@ trust_code_opt = click.option(
     "--trust-code", is_flag=True,
     help="Build models that files (checkpoints, recipes) name as module:callable: imports and runs that code. "
          "Without it only the command line may name code.")
+layer_bits_opt = click.option("--layer-bits", "layer_bits", multiple=True, metavar="PATTERN=WxAy",
+                              help=op.OPTIONS["layer_bits"].help)
 data_opt = flag("data")
 seed_opt = flag("seed")
 quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar or log lines.")

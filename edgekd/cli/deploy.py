@@ -53,7 +53,7 @@ def compile_command(bundle, profile, quiet):
     Jetson, TensorRT comes with JetPack), never torch. Checks the engine against the PyTorch
     logits saved at export and updates the manifest (compiled: true, model_file: model.engine).
     """
-    from ..api import compile_bundle
+    from ..pipeline.deploy import compile_bundle  # not ..api, which imports torch: compile runs without it
 
     m = compile_bundle(bundle, profile, log=c.logger(quiet))
     p, layers = m["engine_parity"], m["engine"]["layers"]

@@ -1,6 +1,8 @@
 """The catalog as text: tables of targets and profiles, one entry in detail, pre-flight findings.
 
 Functions return lines (strings); the CLI prints them. Bench rows are rendered by edgekd.bench.report.
+Every value from a catalog file (names, aliases, descriptions, hardware facts) goes through
+``core.text.clean``: a newline or an escape sequence in a user's .toml cannot forge a line.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import dataclasses
 import json
 
 from ..catalog import Profile, Target, bits_text
+from ..core.text import clean
 
 
 def as_json(value) -> str:
@@ -19,8 +22,8 @@ def text(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
-        return ", ".join(map(str, value)) or "-"
-    return "-" if value in ("", None) else str(value)
+        return clean(", ".join(map(str, value))) or "-"
+    return "-" if value in ("", None) else clean(value)
 
 
 def table(rows: list[dict], columns: list[tuple[str, str]], width: int | None = None) -> list[str]:
@@ -43,12 +46,12 @@ def tree(mapping: dict, indent: int = 2, notes: dict | None = None) -> list[str]
     lines = []
     for key, value in mapping.items():
         if isinstance(value, dict):
-            lines.append(" " * indent + key)
+            lines.append(" " * indent + clean(key))
             lines += tree(value, indent + 2)
             continue
-        line = " " * indent + key.ljust(width) + "  " + text(value)
+        line = " " * indent + clean(key).ljust(width) + "  " + text(value)
         if notes and key in notes:
-            line = line.ljust(indent + width + 2 + value_width) + f"  # {notes[key]}"
+            line = line.ljust(indent + width + 2 + value_width) + f"  # {clean(notes[key])}"
         lines.append(line)
     return lines
 
@@ -64,9 +67,9 @@ def target_detail(t: Target, via: str) -> list[str]:
     """``edgekd targets show``: one target, with its backend's help for each option."""
     from ..backends import get_backend
 
-    lines = [f"{t.name}  {t.description}"]
+    lines = [clean(f"{t.name}  {t.description}")]
     if via.startswith("profile:"):
-        lines.append(f"  (preferred target of profile {via.split(':', 1)[1]})")
+        lines.append(clean(f"  (preferred target of profile {via.split(':', 1)[1]})"))
     tol = f"top-1 agreement >= {t.tolerance.min_top1_agreement}" + (
         f", |logit diff| <= {t.tolerance.max_abs_diff}" if t.tolerance.max_abs_diff is not None else "")
     lines += tree({"file": t.path, "aliases": list(t.aliases), "backend": t.backend, "flavour": t.flavour,
@@ -83,23 +86,23 @@ def target_detail(t: Target, via: str) -> list[str]:
 
 def profile_detail(p: Profile) -> list[str]:
     """``edgekd profiles show``: one device profile."""
-    lines = [f"{p.name}  {p.description}"]
+    lines = [clean(f"{p.name}  {p.description}")]
     lines += tree({"file": p.path, "aliases": list(p.aliases), "targets": list(p.targets)})
     lines += ["  hardware"] + tree({k: v for k, v in p.hardware.items() if k != "sources"}, indent=4)
     lines += ["  bench"] + tree(dataclasses.asdict(p.bench), indent=4)
     lines += ["  budgets"] + tree({k: v for k, v in dataclasses.asdict(p.budgets).items() if v is not None}, indent=4)
     if p.hardware.get("sources"):
-        lines += ["  sources"] + [f"    - {source}" for source in p.hardware["sources"]]
+        lines += ["  sources"] + [f"    - {clean(source)}" for source in p.hardware["sources"]]
     return lines
 
 
 def findings(t: Target, w: int, a: int, found: list[dict]) -> list[str]:
     """``edgekd check``: the pre-flight findings, then a count or the all-clear."""
-    lines = [f"check W{w}A{a} on {t.name} ({t.backend}, {t.flavour})"]
+    lines = [clean(f"check W{w}A{a} on {t.name} ({t.backend}, {t.flavour})")]
     for f in found:
-        lines.append(f"  {f['level']:<8} {f['message']}")
+        lines.append(f"  {f['level']:<8} {clean(f['message'])}")
         if f["suggestion"]:
-            lines.append(f"  {'':<8} -> {f['suggestion']}")
+            lines.append(f"  {'':<8} -> {clean(f['suggestion'])}")
     counts = {level: sum(f["level"] == level for f in found) for level in ("error", "warning", "info")}
     if not found:
         lines.append(f"  ok: W{w}A{a} is accepted and accelerated by {t.name}")

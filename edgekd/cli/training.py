@@ -61,7 +61,7 @@ def _distill_options(f):
         click.option("--config", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.toml",
                      help=op.OPTIONS["config"].help + " Options given here that differ from their defaults override "
                           "the file."),
-        c.flag("temperature", "-T"), c.flag("alpha"), c.flag("scheme"), c.flag("order"),
+        c.flag("temperature", "-T"), c.flag("alpha"), c.flag("qat_temperature"), c.flag("scheme"), c.flag("order"),
         c.flag("epochs"), c.flag("float_epochs"), c.flag("teacher_epochs"), c.flag("generations"), c.flag("peers"),
         click.option("--assistant", "assistants", multiple=True, help=op.OPTIONS["assistants"].help),
         c.flag("assistant_epochs"),
@@ -70,9 +70,10 @@ def _distill_options(f):
                      help="Random horizontal flips [default: the dataset's]. Off, the teacher's outputs are cached."),
         click.option("--no-cache", is_flag=True, help="Run the teacher on every batch even when its outputs "
                                                        "could be cached."),
-        c.flag("lr"), c.flag("batch_size"),
+        c.flag("lr"), c.flag("qat_lr"), c.flag("batch_size"),
         click.option("--first-last-bits", default=str(op.default("first_last_bits")), show_default=True,
                      help=op.OPTIONS["first_last_bits"].help),
+        c.layer_bits_opt,
         c.seed_opt,
         click.option("--force", is_flag=True, help=op.OPTIONS["force"].help + " Without it such a run stops "
                      "before training, naming the likely causes (normalization, class order, image size)."),
@@ -85,8 +86,8 @@ def _distill_options(f):
 
 @main.command()
 @_distill_options
-def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first_last_bits, bit_schedule, assistants,
-            no_cache, out, overwrite, trust_code, list_layers, resume, tensorboard, quiet, **kw):
+def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first_last_bits, layer_bits, bit_schedule,
+            assistants, no_cache, out, overwrite, trust_code, list_layers, resume, tensorboard, quiet, **kw):
     """Train a quantized student by knowledge distillation (Brevitas QAT at 2..8 bits).
 
     \b
@@ -107,7 +108,7 @@ def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first
                           teacher_weights=op.check("teacher_weights", list(teacher_weights) or None, "--teacher-weight"),
                           assistants=list(assistants) or ["resnet-student"], bit_schedule=c.bit_list(bit_schedule),
                           cache=not no_cache, first_last_bits=c.first_last_bits(first_last_bits),
-                          progress=not quiet)
+                          layer_bits=list(layer_bits) or None, progress=not quiet)
     if list_layers:
         return _print_layers(opts, trust_code)
     m = run_distill(opts, out=out, log=c.logger(quiet), resume=resume, overwrite=overwrite, trust_code=trust_code, tensorboard=tensorboard)
@@ -135,6 +136,7 @@ def _print_layers(opts, trust_code: bool = False) -> None:
 @c.flag("target")
 @click.option("--first-last-bits", default=str(op.default("first_last_bits")), show_default=True,
               help=op.OPTIONS["first_last_bits"].help)
+@c.layer_bits_opt
 @c.flag("calib_samples")
 @click.option("--no-bias-correction", is_flag=True, help="Skip Brevitas's bias correction after calibration.")
 @c.seed_opt
@@ -142,8 +144,8 @@ def _print_layers(opts, trust_code: bool = False) -> None:
 @c.overwrite_opt
 @c.trust_code_opt
 @c.quiet_opt
-def quantize(source, bits, weight_bits, act_bits, target, first_last_bits, calib_samples, no_bias_correction, seed,
-             out, overwrite, trust_code, quiet):
+def quantize(source, bits, weight_bits, act_bits, target, first_last_bits, layer_bits, calib_samples,
+             no_bias_correction, seed, out, overwrite, trust_code, quiet):
     """Post-training quantization: a trained float model -> a quantized run that export takes.
 
     RUN|MODEL: a distill run (its float student, float.pt), a directory written by 'edgekd train',
@@ -154,7 +156,8 @@ def quantize(source, bits, weight_bits, act_bits, target, first_last_bits, calib
 
     w, a = c.bits(bits, weight_bits, act_bits)
     opts = QuantizeOptions(weight_bits=w, act_bits=a, target=target, first_last_bits=c.first_last_bits(first_last_bits),
-                           calib_samples=calib_samples, bias_correction=not no_bias_correction, seed=seed,
+                           layer_bits=list(layer_bits) or None, calib_samples=calib_samples,
+                           bias_correction=not no_bias_correction, seed=seed,
                            trust_code=trust_code)
     m = run_quantize(source, opts, out=out, log=c.logger(quiet), overwrite=overwrite)
     click.echo(f"run: {m['run_dir']}  W{m['weight_bits']}A{m['act_bits']} PTQ accuracy {m['student_accuracy']:.4f} "

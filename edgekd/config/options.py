@@ -27,6 +27,11 @@ QAT_EPOCHS, QAT_EPOCHS_LOW_BITS, LOW_BITS = 4, 12, 3
 # Hinton KD temperature of the QAT phase at LOW_BITS or fewer (README: Defaults, and why)
 QAT_TEMPERATURE_LOW_BITS = 1.0
 MAX_LOSS_TERMS = 64  # a recipe with more terms is refused (each term runs on every step)
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding and most tools take 32-bit seeds; torch's offsets stay in range
+MAX_INT = 2**31 - 1  # the ceiling of integer options without their own (counts reach C code as int32/int64)
+MAX_TEMPERATURE = 1000.0  # KD temperatures: T^2 of a larger float overflows long before it means anything
+# the methods whose KD temperature the QAT phase sets (qat_temperature): hinton and kd, its CE + KD form
+QAT_TEMPERATURE_METHODS = ("hinton", "kd")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class Opt:
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False  # lo itself is not allowed
+    hi_open: bool = False  # hi itself is not allowed
     choices: tuple = ()
     nullable: bool = False  # None is allowed (means "derived", see help)
     metavar: str | None = None
@@ -55,10 +61,12 @@ class Opt:
             return "one of " + ", ".join(map(str, self.choices))
         kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
         kind = next(text for types, text in _KIND_TEXT if set(types) & set(kinds))
-        if self.lo is not None and self.hi is not None:
-            bound = f"between {self.lo:g} and {self.hi:g}"
-        elif self.lo is not None:
-            bound = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        low = f"{'>' if self.lo_open else '>='} {_g(self.lo)}" if self.lo is not None else None
+        high = f"{'<' if self.hi_open else '<='} {_g(self.hi)}" if self.hi is not None else None
+        if low and high:
+            bound = f"{low} and {high}" if self.lo_open or self.hi_open else f"between {_g(self.lo)} and {_g(self.hi)}"
+        elif low or high:
+            bound = low or high
         else:
             return kind
         return f"{kind} {bound}" if typed else bound
@@ -67,6 +75,11 @@ class Opt:
 _NUM = (int, float)
 _KIND_TEXT = (((float,), "a number"), ((int,), "an integer"), ((bool,), "true or false"), ((str,), "a string"),
               ((list, tuple), "a list"), ((dict,), "a table"))
+
+
+def _g(x: float) -> str:
+    """A bound as written: whole numbers in full (4294967295, not 4.29497e+09), others as %g."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 OPTIONS: dict[str, Opt] = {o.name: o for o in [
     # --- what to train on and with ---
@@ -109,15 +122,19 @@ OPTIONS: dict[str, Opt] = {o.name: o for o in [
     Opt("act_bits", 8, int, "Activation bits, overriding --bits.", lo=MIN_BITS, hi=MAX_BITS),
     Opt("first_last_bits", 8, (int, str), "Weight bits of the first and last layers, or 'same' to use "
         "--weight-bits.", lo=MIN_BITS, hi=MAX_BITS),
+    Opt("layer_bits", None, list, "Per-layer bits PATTERN=WxAy (repeatable; later wins): PATTERN a layer type "
+        "(depthwise, pointwise, conv, linear, first, last) or a module-path glob ('features.3.*'); W the layer's "
+        "weight bits, A the bits of the activations it reads; either may be left out (depthwise=W8A8, last=W8).",
+        nullable=True, item=dict(kind=(str, dict)), metavar="PATTERN=WxAy"),
     # --- distillation ---
     Opt("method", "hinton", str, "Distillation method (paper defaults; see README): hinton [default], kd, mse, "
         "dkd, tfkd, fitnet, at, rkd, fsp, or none (QAT only). Ignored with a --config recipe that lists "
         "[[loss]] terms."),
-    Opt("temperature", 4.0, _NUM, "KD temperature T (hinton).", lo=0, lo_open=True),
+    Opt("temperature", 4.0, _NUM, "KD temperature T (hinton).", lo=0, lo_open=True, hi=MAX_TEMPERATURE),
     Opt("alpha", 0.9, _NUM, "Weight of the KD term, 1-alpha on labels (hinton).", lo=0, hi=1),
-    Opt("qat_temperature", None, _NUM, "KD temperature T of the QAT phase (hinton) [default: -T; "
-        f"{QAT_TEMPERATURE_LOW_BITS:g} when weights or activations have {LOW_BITS} bits or fewer].",
-        lo=0, lo_open=True, nullable=True),
+    Opt("qat_temperature", None, _NUM, "KD temperature T of the QAT phase (hinton, kd) [default: the float "
+        f"phase's T; {QAT_TEMPERATURE_LOW_BITS:g} when weights or activations have {LOW_BITS} bits or fewer].",
+        lo=0, lo_open=True, hi=MAX_TEMPERATURE, nullable=True),
     Opt("scheme", "offline", str, "offline: a fixed teacher; born-again: each generation taught by the previous "
         "student; dml: mutual learning with float peers; assistant: teacher -> assistant(s) -> student; "
         "progressive: bit schedule 8 -> 4 -> 2, each stage distilled from the last.",
@@ -159,7 +176,7 @@ OPTIONS: dict[str, Opt] = {o.name: o for o in [
     Opt("flip", None, bool, "Random horizontal flips [default: the dataset's].", nullable=True),
     Opt("cache", True, bool, "Cache the teacher's outputs when the input pipeline is deterministic."),
     Opt("train_limit", None, int, "Train on the first N training samples only.", lo=1, nullable=True),
-    Opt("seed", 0, int, "Seed for splits, init and order.", lo=0),
+    Opt("seed", 0, int, "Seed for splits, init and order.", lo=0, hi=MAX_SEED),
     Opt("calib_samples", 1024, int, "Training images the activation ranges are calibrated on (quantize: PTQ).", lo=1),
     Opt("device", "cpu", str, "Where to train: cpu or cuda[:N]. Multi-process: launch with 'torchrun "
         "--nproc-per-node N -m edgekd ...' (gloo on CPU, nccl on CUDA; --batch-size is the global batch).",
@@ -167,13 +184,15 @@ OPTIONS: dict[str, Opt] = {o.name: o for o in [
     Opt("amp", False, bool, "bfloat16 mixed precision for the float phases on CUDA (QAT stays float32)."),
     Opt("progress", True, bool, "Show progress bars."),
     # --- bench settings (profiles' [bench] tables take the same bounds) ---
-    Opt("threads", 0, int, "Intra-op threads; 0 lets the runtime choose.", lo=0),
-    Opt("warmup", 10, int, "Minimum number of warm-up runs.", lo=0),
-    Opt("warmup_s", 0.2, _NUM, "Minimum warm-up time in seconds.", lo=0, metavar="SECONDS"),
-    Opt("iterations", 100, int, "Minimum number of timed runs.", lo=1),
-    Opt("min_time_s", 1.0, _NUM, "Minimum timed duration in seconds.", lo=0, metavar="SECONDS"),
-    Opt("batch_sizes", (1,), (list, tuple), "Batch size to time (repeatable); overrides the profile's list.",
-        item=dict(kind=int, lo=1)),
+    # (upper bounds: sane limits; bench also runs at most as many threads as this machine has CPUs)
+    Opt("threads", 0, int, "Intra-op threads; 0 lets the runtime choose (more than the CPUs here: cut to them, "
+        "said in the row).", lo=0, hi=1024),
+    Opt("warmup", 10, int, "Minimum number of warm-up runs.", lo=0, hi=100_000),
+    Opt("warmup_s", 0.2, _NUM, "Minimum warm-up time in seconds.", lo=0, hi=600, metavar="SECONDS"),
+    Opt("iterations", 100, int, "Minimum number of timed runs.", lo=1, hi=1_000_000),
+    Opt("min_time_s", 1.0, _NUM, "Minimum timed duration in seconds.", lo=0, hi=3600, metavar="SECONDS"),
+    Opt("batch_sizes", (1,), (list, tuple), "Batch size to time (repeatable, at most 16); overrides the profile's "
+        "list.", item=dict(kind=int, lo=1, hi=4096)),
 ]}
 
 
@@ -183,6 +202,18 @@ def default(name: str):
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shown(value, limit: int = 100) -> str:
+    """``repr(value)`` for an error line: an integer too long to print by its size, long texts cut."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        digits = int((value.bit_length() - 1) * 0.30102999566) + 1  # the fewest its bit length allows
+        return f"an integer of {digits + (abs(value) >= 10**digits)} digits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # Python's int-str limit inside a list; deep nesting
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check(name: str, value, label: str | None = None):
@@ -202,30 +233,45 @@ def check(name: str, value, label: str | None = None):
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds) \
             or (name == "first_last_bits" and isinstance(value, str)):
         expected = opt.bound_text(typed=True) + (" or 'same'" if name == "first_last_bits" else "")
-        raise ConfigError(f"{label} must be {expected}, got {value!r}")
+        raise ConfigError(f"{label} must be {expected}, got {shown(value)}")
     if _is_number(value):
-        _check_number(opt, value, label)
+        check_number(opt, value, label)
     if isinstance(value, (list, tuple)) and opt.item:
         element = Opt(name, None, help="", **opt.item)
         for v in value:
             if (isinstance(v, bool) and element.kind is not bool) or not isinstance(v, element.kind):
-                raise ConfigError(f"every item of {label} must be {element.bound_text(typed=True)}, got {v!r}")
+                raise ConfigError(f"every item of {label} must be {element.bound_text(typed=True)}, got {shown(v)}")
             if _is_number(v):
-                _check_number(element, v, f"every item of {label}")
+                check_number(element, v, f"every item of {label}")
     if opt.choices and value not in opt.choices:
         from ..core.registry import suggest
 
-        raise ConfigError(f"{label} must be {opt.bound_text()}, got {value!r}{suggest(str(value), opt.choices)}")
+        raise ConfigError(f"{label} must be {opt.bound_text()}, got {shown(value)}"
+                          f"{suggest(str(value)[:100], opt.choices)}")
     return value
 
 
-def _check_number(opt: Opt, value, label: str) -> None:
-    if not math.isfinite(value):
-        raise ConfigError(f"{label} must be a finite number, got {value!r}")
+def check_number(opt: Opt, value, label: str) -> None:
+    """Finite, within the bounds; an integer without an upper bound at most MAX_INT (a count), or one
+    that converts to a float (a float option given as a whole number)."""
+    kinds = opt.kind if isinstance(opt.kind, tuple) else (opt.kind,)
+    count = float not in kinds and isinstance(value, int)  # compared exactly, however long
+    if not count and not finite(value):
+        raise ConfigError(f"{label} must be a finite number, got {shown(value)}")
     low = opt.lo is not None and (value <= opt.lo if opt.lo_open else value < opt.lo)
-    if low or (opt.hi is not None and value > opt.hi):
+    if low or (opt.hi is not None and (value >= opt.hi if opt.hi_open else value > opt.hi)):
         suffix = " or 'same'" if opt.name == "first_last_bits" else ""
-        raise ConfigError(f"{label} must be {opt.bound_text()}{suffix}, got {value!r}")
+        raise ConfigError(f"{label} must be {opt.bound_text()}{suffix}, got {shown(value)}")
+    if opt.hi is None and float not in kinds and abs(value) > MAX_INT:
+        raise ConfigError(f"{label} must be at most {MAX_INT}, got {shown(value)}")
+
+
+def finite(value) -> bool:
+    """A float that is not inf or nan, or an integer a float can hold (more digits overflow float())."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def qat_epochs(epochs: int | None, weight_bits: int, act_bits: int) -> int:
@@ -237,13 +283,25 @@ def qat_epochs(epochs: int | None, weight_bits: int, act_bits: int) -> int:
 
 
 def qat_temperature(opts, weight_bits: int, act_bits: int) -> float | None:
-    """Hinton's temperature in the QAT phase (None when the objective is not --method hinton): the one
-    given, else QAT_TEMPERATURE_LOW_BITS at LOW_BITS or fewer, else the float phase's ``temperature``."""
-    if opts.loss or opts.method != "hinton":
+    """The KD temperature of the QAT phase for the hinton and kd terms (QAT_TEMPERATURE_METHODS; None
+    when the objective is another method): the one given, else QAT_TEMPERATURE_LOW_BITS at LOW_BITS or
+    fewer, else the float phase's (``--param temperature``, else hinton's ``temperature``; kd's paper
+    T is hinton's). A recipe's [[loss]] terms take only a given one. Given for another method: an error."""
+    given = opts.qat_temperature
+    if opts.loss:
+        return given
+    if opts.method not in QAT_TEMPERATURE_METHODS:
+        if given is not None:
+            raise ConfigError(f"--qat-temperature (qat_temperature) sets the QAT-phase temperature of --method "
+                              f"{' or '.join(QAT_TEMPERATURE_METHODS)}, not of {opts.method!r}",
+                              "leave it out, or set the method's own parameters with --param")
         return None
-    if opts.qat_temperature is not None:
-        return opts.qat_temperature
-    return QAT_TEMPERATURE_LOW_BITS if min(weight_bits, act_bits) <= LOW_BITS else opts.temperature
+    if given is not None:
+        return given
+    if min(weight_bits, act_bits) <= LOW_BITS:
+        return QAT_TEMPERATURE_LOW_BITS
+    float_phase = opts.temperature if opts.method == "hinton" else default("temperature")
+    return (opts.params or {}).get("temperature", float_phase)
 
 
 def check_bits(weight_bits, act_bits, weight_label="--weight-bits", act_label="--act-bits") -> tuple[int, int]:
@@ -308,6 +366,7 @@ class DistillOptions(ReadOptions):
     qat_lr: float | None = default("qat_lr")  # None: lr / 4 after a float warm start, lr without one
     batch_size: int = default("batch_size")
     first_last_bits: int | str = default("first_last_bits")  # or "same"
+    layer_bits: list | None = default("layer_bits")  # per-layer rules (quant.layerbits), in order
     seed: int = default("seed")
     progress: bool = default("progress")
     params: dict = field(default_factory=dict)  # the method's hyper-parameters, e.g. {"beta": 8.0} for dkd

@@ -21,24 +21,27 @@
 
 A term's ``weight`` defaults to its paper weight (``losses.Term.weight``). Unknown keys, methods and
 parameters fail with a did-you-mean. Options given on the command line override the file's.
+
+Per-layer bits (``edgekd.quant.layerbits``) are ``[[bits]]`` tables, applied in order (a later one
+wins for the layers both name); ``--layer-bits`` rules on the command line come after them:
+
+    [[bits]]
+    type = "depthwise"    # or layers = "features.3.*" (module-path globs, a string or a list)
+    weight = 8
+    act = 8               # the activations the layer reads
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import fields
 from pathlib import Path
 
 from ..core.errors import ConfigError, MissingFileError
 from ..core.registry import suggest
-from . import options as op
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from . import options as op, tomlfile
 
 LOSS_KEY = "loss"
+BITS_KEY = "bits"  # [[bits]] tables: per-layer bit widths
 
 
 def option_names() -> list[str]:
@@ -48,19 +51,17 @@ def option_names() -> list[str]:
 def parse(text: str, source: str = "recipe") -> tuple[dict, list[dict]]:
     """(options, loss term specs) of a recipe's text. Options are checked against the options table;
     each term must be a table with a ``name`` (its parameters are checked by ``kd.check_terms``)."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source} is not valid TOML: {e}") from None
-    allowed = option_names() + [LOSS_KEY]
+    doc = tomlfile.loads(text, source)  # nesting and integer-digit limits: one ConfigError too
+    allowed = option_names() + [LOSS_KEY, BITS_KEY]
     for key in doc:
         if key not in allowed:
             raise ConfigError(f"{source}: unknown key {key!r}{suggest(key, allowed)}",
-                              f"top-level keys: {LOSS_KEY} (a [[loss]] list) and the distill options "
-                              f"{', '.join(option_names())}")
+                              f"top-level keys: {LOSS_KEY} (a [[loss]] list), {BITS_KEY} (a [[bits]] list) and the "
+                              f"distill options {', '.join(option_names())}")
     for key, value in doc.items():
-        if key != LOSS_KEY:
+        if key not in (LOSS_KEY, BITS_KEY):
             op.check(key, value, f"{source}: {key}")
+    _layer_bits(doc, source)
     terms = doc.get(LOSS_KEY, [])
     if not isinstance(terms, list) or not all(isinstance(t, dict) for t in terms):
         raise ConfigError(f"{source}: 'loss' must be a list of tables ([[loss]] sections)")
@@ -69,6 +70,24 @@ def parse(text: str, source: str = "recipe") -> tuple[dict, list[dict]]:
                           "combine terms of the same method into one with a larger weight")
     options = {k: v for k, v in doc.items() if k != LOSS_KEY}
     return options, terms
+
+
+def _layer_bits(doc: dict, source: str) -> None:
+    """Check ``[[bits]]`` tables (or ``layer_bits`` strings) in place; ``[[bits]]`` becomes ``layer_bits``."""
+    from .layerbits import rules_from
+
+    where = f"{source}: layer_bits"
+    if BITS_KEY in doc:
+        tables, where = doc.pop(BITS_KEY), f"{source}: {BITS_KEY}"
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            raise ConfigError(f"{source}: 'bits' must be a list of tables ([[bits]] sections) with layers or type, "
+                              "and weight and/or act", "for the whole model's bits use weight_bits and act_bits")
+        if doc.get("layer_bits"):
+            raise ConfigError(f"{source}: both [[bits]] tables and layer_bits give per-layer bits",
+                              "keep one of them")
+        doc["layer_bits"] = tables
+    if doc.get("layer_bits"):
+        rules_from(doc["layer_bits"], where)
 
 
 def read(path: str | Path) -> str:

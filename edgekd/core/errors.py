@@ -58,6 +58,10 @@ class ParityError(EdgekdError):
     exit_code = 3
 
 
+class DiskFullError(EdgekdError):
+    """No space left (or the quota reached) on the disk being written; nothing half-written is kept."""
+
+
 class IncompatibleError(EdgekdError):
     """Two inputs that cannot be used together (e.g. teacher and student class counts)."""
 

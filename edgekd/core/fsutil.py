@@ -1,8 +1,8 @@
-"""Atomic writes, the output-path rule, what edgekd recognises as its own, default locations.
+"""Atomic folders, the output-path rule, what edgekd recognises as its own, default locations.
 
-Nothing edgekd writes is left half-written: files go to a temporary sibling and are renamed
-into place; a run or bundle directory is assembled under a temporary name (``.NAME.xxxx.tmp``)
-and renamed at the end. What it creates gets the user's umask, as any other program's files do.
+Nothing edgekd writes is left half-written (core.staging: files and folders are written under a
+fresh hidden staging name and renamed into place; stale staging of a killed writer is cleaned up
+by later writes). What it creates gets the user's umask, as any other program's files do.
 
 **The output-path rule** (``check_output``, used by every command and the Python API before any
 work): a command writes only a new path, an empty folder, or a path edgekd wrote before
@@ -10,17 +10,21 @@ work): a command writes only a new path, an empty folder, or a path edgekd wrote
 ``overwrite``; and even then never a path that is empty, a device node, FIFO or socket, a
 symbolic link, the current directory or one of its parents, the input being read, a regular file
 given where a folder is written, or a folder that holds other runs or bundles.
+
+**Replacing a folder** (a run, trained model or bundle) removes only what edgekd wrote in it
+(``own_entries``: the files a run writes, a bundle's manifest ``files``): a folder of edgekd's
+that also holds something else (a user's notes, another run put inside it) is refused up front
+naming that entry, unless ``overwrite``, which consents to the entries there at the time of the
+check and no others. ``atomic_dir`` checks again when it commits: an entry that appeared since is
+never deleted (the new folder is then kept under a visible name next to it, and the error says so).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import math
 import os
 import re
-import shutil
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -29,6 +33,8 @@ from typing import Iterable, Iterator
 
 from . import interrupts
 from .errors import EdgekdError
+from .staging import (STAGED, _os_error, atomic_path, current_umask, finite, remove, set_aside,  # noqa: F401
+                      staging, user_error, write_bytes, write_json, write_text)
 
 RUNS_DIR = Path("runs")
 BUNDLES_DIR = Path("bundles")
@@ -40,139 +46,55 @@ SWEEP_FORMAT = "edgekd-sweep-1"  # sweep.json "format" of a sweep root
 FOLDER_KINDS = ("run", "teacher", "bundle", "sweep")
 KIND_TEXT = {"run": "run", "teacher": "trained model", "bundle": "bundle", "sweep": "sweep root",
              "partial": "training state", "report": "report"}
-
-
-# --- permissions ------------------------------------------------------------------------------------
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where Linux allows."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _user_mode(path: Path, folder: bool) -> None:
-    """Give what mkstemp (0600) / mkdtemp (0700) created the mode any other new file would have."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
-
-
-def _os_error(path: Path, e: OSError) -> EdgekdError:
-    if e.errno == errno.ENOSPC:
-        return EdgekdError(f"no space left on device while writing {path}", "free some disk space and run again")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return EdgekdError(f"permission denied writing {path}", "choose a writable location")
-    return EdgekdError(f"cannot write {path}: {e.strerror}")
-
-
-# --- atomic writes ----------------------------------------------------------------------------------
-
-def _staging(path: Path, folder: bool) -> Path:
-    """A new hidden temporary file or folder next to ``path`` (``.NAME.xxxx.tmp``), with the
-    permissions the user's umask gives, for an atomic write of ``path``."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if folder:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            tmp = Path(name)
-        _user_mode(tmp, folder=folder)
-    except OSError as e:
-        raise _os_error(path, e) from None
-    return tmp
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
-    path = Path(path)
-    tmp = _staging(path, folder=False)
-    try:
-        yield tmp
-        interrupts.check()  # never commit after an interrupt that was dropped on its way up
-        os.replace(tmp, path)
-    except OSError as e:
-        raise _os_error(path, e) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_bytes(path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_text(path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path, obj) -> None:
-    """Valid JSON, always: NaN and infinities become null (JSON has neither)."""
-    write_text(path, json.dumps(finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n")
-
-
-def finite(obj):
-    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, containers copied."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
-
-
-def _json_default(o):
-    if hasattr(o, "tolist"):
-        return finite(o.tolist())
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+REPLACED_KINDS = ("run", "teacher", "bundle")  # folders a command replaces whole (atomic_dir)
+# every file distill, quantize and train write into a run or trained-model folder
+RUN_FILES = frozenset({"student.pt", "float.pt", "model.pt", "recipe.json", "metrics.json", "metrics.csv",
+                       "curves.png", "log.txt"})
+_consented: dict[str, frozenset] = {}  # folder (real path) -> the entries ``overwrite`` agreed to replace
 
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``path`` (the old one is kept until then)."""
+    """Yield a staging folder; on success it replaces ``path``, whose previous folder is kept until
+    the new one is in place and never deleted with anything edgekd did not write in it (see the
+    module docstring)."""
     path = Path(path)
-    tmp = _staging(path, folder=True)
+    tmp = staging(path, folder=True)
     try:
-        yield tmp
-        interrupts.check()
-        old = None
-        if os.path.lexists(path):
-            old = path.with_name(f".{path.name}.old")
-            remove(old)
-            os.replace(path, old)
         try:
-            os.replace(tmp, path)
-        except OSError:
-            if old is not None:  # put the previous directory back before reporting
-                os.replace(old, path)
-            raise
-        if old is not None:
-            remove(old)
-    except OSError as e:
-        raise _os_error(path, e) from None
+            yield tmp
+            interrupts.check()
+        except BaseException as e:
+            error = user_error(path, e, tmp)
+            if error is None:
+                raise
+            raise error from None
+        try:
+            _commit(tmp, path)
+        except OSError as e:
+            raise _os_error(path, e) from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(tmp):
+            remove(tmp)
 
 
-def remove(path: Path) -> None:
-    """Delete a folder tree, a file or a symbolic link (never what a link points to); no error if absent."""
-    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
-        os.unlink(path)
-    elif os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
+def _commit(tmp: Path, path: Path) -> None:
+    if not os.path.lexists(path):
+        os.replace(tmp, path)
+        return
+    foreign = foreign_entry(path, set(os.listdir(tmp)) | _consented.pop(_real(path), frozenset()))
+    if foreign is not None:
+        kept = Path(tempfile.mkdtemp(prefix=f"{path.name[:150]}.new-", dir=path.parent))
+        os.replace(tmp, kept)
+        raise EdgekdError(f"{path} holds {foreign}, which edgekd did not write, so it was not replaced; "
+                          f"the new output is in {kept}", f"move {foreign} away and {kept.name} into place")
+    old = set_aside(path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.replace(old, path)  # put the previous folder back before reporting
+        raise
+    remove(old)
 
 
 def latest(root: Path, marker: str) -> Path | None:
@@ -218,7 +140,8 @@ def _is_row(r) -> bool:
     return isinstance(r, dict) and isinstance(r.get("bundle"), str) and isinstance(r.get("status"), str)
 
 
-_PARTIAL_ENTRY = re.compile(r"options\.json|phase-\d+\.pt|\..+\.tmp")
+# a training-state folder holds its options, phase checkpoints, and their staging files (older ones: .NAME.xxxxxxxx.tmp)
+_PARTIAL_ENTRY = re.compile(r"(\.)?(options\.json|phase-\d+\.pt)(?(1)\.(edgekd-[0-9a-f]{6}-\d+-\d+-)?[a-z0-9_]{8}\.tmp)")
 
 
 def artifact_kind(path: Path) -> str | None:
@@ -280,21 +203,49 @@ def _is_report(path: Path) -> bool:
     return False
 
 
-def _holds_artifacts(path: Path, depth: int = 2) -> Path | None:
-    """An edgekd folder among the visible sub-folders of ``path`` (``depth`` levels down), or None."""
+def _holds_artifacts(path: Path, depth: int = 3) -> Path | None:
+    """An edgekd folder among the sub-folders of ``path`` (``depth`` levels down, hidden ones too,
+    symbolic links not followed; at most 2000 folders looked at), or None."""
+    level, looked = [path], 0
+    for _ in range(depth):
+        below = []
+        for folder in level:
+            try:
+                below += sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.is_symlink())
+            except OSError:
+                continue
+        for child in below[:2000 - looked]:
+            if artifact_kind(child) is not None:
+                return child
+        looked += len(below)
+        if looked >= 2000:
+            return None
+        level = below
+    return None
+
+
+def own_entries(path: Path) -> frozenset:
+    """The names in the edgekd folder ``path`` that edgekd wrote: a run's or trained model's files
+    (RUN_FILES), a bundle's manifest and the files it lists; nothing for another folder."""
+    kind = artifact_kind(path)
+    if kind in ("run", "teacher"):
+        return RUN_FILES
+    if kind == "bundle":
+        files = (_json_file(path / "manifest.json", 16 << 20) or {}).get("files")
+        return frozenset(["manifest.json", *(n for n in files if isinstance(n, str))] if isinstance(files, dict) else
+                         ["manifest.json"])
+    return frozenset()
+
+
+def foreign_entry(path: Path, also: Iterable[str] = ()) -> str | None:
+    """The first entry of the folder ``path`` that edgekd did not write (not in ``own_entries``, not
+    in ``also``, not a staging entry of edgekd's), or None."""
     try:
-        children = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir()
-                          and not p.is_symlink())
+        names = sorted(os.listdir(path))
     except OSError:
         return None
-    for child in children:
-        if artifact_kind(child) is not None:
-            return child
-    for child in children if depth > 1 else ():
-        found = _holds_artifacts(child, depth - 1)
-        if found is not None:
-            return found
-    return None
+    own = own_entries(path) | frozenset(also)
+    return next((n for n in names if n not in own and not STAGED.fullmatch(n)), None)
 
 
 def _real(path) -> str:
@@ -323,26 +274,52 @@ def check_output(path, kind: str, inputs: Iterable = (), overwrite: bool = False
     if os.path.islink(path):
         raise EdgekdError(f"{shown} is a symbolic link", "give the path it points to, or another path")
     real, cwd = _real(path), _real(os.getcwd())
+    _consented.pop(real, None)  # given again by an overwrite below, for what is there now
     if _inside(cwd, real):
         raise EdgekdError(f"{shown} is the current directory or one of its parents", f"choose a new {what} below it")
     for source in inputs:
         if source is not None and (_inside(real, _real(source)) or _inside(_real(source), real)):
             raise EdgekdError(f"{shown} is the input being read ({source})", f"choose another {what}")
+    _check_not_inside_artifact(Path(real), shown, what)
     if st is None:
         return path
     if folder and not stat.S_ISDIR(st.st_mode):
         raise EdgekdError(f"{shown} is a file", "give a folder: a new one, or one edgekd wrote")
     if not folder and stat.S_ISDIR(st.st_mode):
         raise EdgekdError(f"{shown} is a directory", "give a file name")
-    found = artifact_kind(path)
-    if found == kind or (folder and not found and not os.listdir(path)):
+    return _check_existing(path, kind, overwrite, shown, what)
+
+
+def _check_not_inside_artifact(real: Path, shown: str, what: str) -> None:
+    """Nothing is written inside a run, trained model or bundle: rewriting that folder would delete it."""
+    for parent in real.parents:
+        found = artifact_kind(parent)
+        if found in REPLACED_KINDS:
+            raise EdgekdError(f"{shown} is inside the edgekd {KIND_TEXT[found]} {parent} (rewriting it would "
+                              f"delete what is written inside)", f"choose a {what} outside it")
+
+
+def _check_existing(path: Path, kind: str, overwrite: bool, shown: str, what: str) -> Path:
+    """check_output's rule for an existing folder or file of the right type."""
+    folder, found = kind in FOLDER_KINDS, artifact_kind(path)
+    names = _names(path) if kind in FOLDER_KINDS else None
+    if folder and not names:
         return path
-    if folder:
+    if folder and not kind == found == "sweep":  # a sweep root holds its cells
         inner = _holds_artifacts(path)
         if inner is not None:
             raise EdgekdError(f"{shown} holds other runs or bundles ({inner})",
+                              f"move {inner} out of it, or choose another {what}" if found else
                               f"give a new {what} inside it, e.g. {path / 'NAME'}")
-    if overwrite:
+    if found == kind and kind in REPLACED_KINDS and not overwrite:
+        foreign = foreign_entry(path)
+        if foreign is not None:
+            raise EdgekdError(f"{shown} holds {foreign}, which edgekd did not write (replacing the "
+                              f"{KIND_TEXT[kind]} would delete it)", f"move {foreign} away, choose another {what}, "
+                              "or pass --overwrite to replace the folder and all it holds")
+    if found == kind or overwrite:
+        if folder and overwrite:
+            _consented[_real(path)] = frozenset(names)
         return path
     if found:
         raise EdgekdError(f"{shown} is an edgekd {KIND_TEXT[found]}, not a {KIND_TEXT[kind]}",
@@ -351,18 +328,24 @@ def check_output(path, kind: str, inputs: Iterable = (), overwrite: bool = False
                       f"choose another {what}, or pass --overwrite to replace it")
 
 
+def _names(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError as e:
+        raise EdgekdError(f"cannot read the folder {path}: {e.strerror}", "choose another folder") from None
+
+
 def check_partial(path: Path, overwrite: bool = False, resume: bool = False) -> None:
     """The training-state folder ``OUT.partial`` of a run or teacher may be reused or discarded only
-    when it holds edgekd's checkpoints (or nothing); never when it is a link."""
+    when it holds edgekd's checkpoints (or nothing); never when it is a link, and never, not even
+    with ``overwrite``, when it holds anything else (edgekd deletes only what it wrote)."""
     path = Path(path)
     if os.path.islink(path):
         raise EdgekdError(f"{path} is a symbolic link", "edgekd keeps training state only in a folder it "
                           "creates; remove the link")
     if not os.path.lexists(path):
         return
-    if os.path.isdir(path) and (_is_partial(path) or not os.listdir(path)):
+    if os.path.isdir(path) and (_is_partial(path) or not _names(path)):
         return
-    if overwrite and not resume:
-        return
-    raise EdgekdError(f"{path} exists and was not written by edgekd (edgekd keeps training checkpoints there)",
-                      "move it away, or pass --overwrite to discard it")
+    raise EdgekdError(f"{path} exists and was not written by edgekd (edgekd keeps a run's training checkpoints "
+                      "there, and would delete them)", "move it away, or choose another --out")

@@ -9,13 +9,15 @@ Specs: ``digits`` (scikit-learn's bundled 8x8 digits, the built-in default),
 Images are scaled to [0, 1] and then normalized per channel (``--normalize``, data.normalize:
 by default with the training split's mean and std); the normalization is recorded so that
 exported bundles and devices can reproduce it.
+
+Labels are checked where each source is read (data.npz, data.idx: one line naming the file, the
+label and the range) and once more for every split of every dataset (``check_labels``), so no label
+outside 0..C-1 reaches training, evaluation or export.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import numpy as np
 
 from ..core.errors import ConfigError, MissingFileError
 from ..core.registry import unknown
+from .idx import read_idx, read_pair  # noqa: F401  (read_idx: part of edgekd.data)
 from .normalize import resolve_normalization
 from .npz import read_npz
 from .options import DataOptions
@@ -131,9 +134,21 @@ def load_dataset(spec: str = "digits", seed: int = 0, val_fraction: float = 0.1,
                           f"validation, {len(test[1])} test)", "give every class at least 10 samples")
     mean, std = resolve_normalization(options.normalize, train[0].shape[1], lambda: _stats(train[0]))
     norm = lambda a: ((a - np.array(mean, np.float32)[:, None, None]) / np.array(std, np.float32)[:, None, None])
-    return Dataset(kind if kind != "npz" else spec, Split(norm(train[0]), train[1]), Split(norm(val[0]), val[1]),
-                   Split(norm(test[0]), test[1]), classes, mean, std,
-                   flip_augment=flip if flip_asked is None else flip_asked, options=options)
+    return check_labels(Dataset(kind if kind != "npz" else spec, Split(norm(train[0]), train[1]),
+                                Split(norm(val[0]), val[1]), Split(norm(test[0]), test[1]), classes, mean, std,
+                                flip_augment=flip if flip_asked is None else flip_asked, options=options))
+
+
+def check_labels(data: Dataset) -> Dataset:
+    """``data``, every label of every split in 0..C-1 (C classes), else one line naming the split."""
+    top = data.num_classes - 1
+    for name, split in (("training", data.train), ("validation", data.val), ("test", data.test)):
+        y = np.asarray(split.y)
+        bad = y[(y < 0) | (y > top)]
+        if bad.size:
+            raise ConfigError(f"dataset {data.name}: the {name} split holds label {int(bad[0])}, outside the range "
+                              f"0..{top} ({data.num_classes} classes)", "labels are class indices 0..C-1")
+    return data
 
 
 def _imagefolder(spec: str, arg: str, seed: int, val_fraction: float, options: DataOptions) -> Dataset:
@@ -143,7 +158,7 @@ def _imagefolder(spec: str, arg: str, seed: int, val_fraction: float, options: D
         raise ConfigError("dataset 'imagefolder' needs a folder", "use --data imagefolder:DIR with DIR/train/<class>/")
     data = load_imagefolder(Path(arg), seed, options.folder_options(), options.normalize, val_fraction)
     data.name, data.options = spec, options
-    return data
+    return check_labels(data)
 
 
 def _digits():
@@ -166,21 +181,6 @@ def _stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     return [round(float(m), 6) for m in mean], [round(float(max(s, 1e-6)), 6) for s in std]
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped): big-endian header, then unsigned bytes."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ConfigError(f"{path} is not an unsigned-byte IDX file", "pass the original Fashion-MNIST files")
-    shape = struct.unpack(">" + "I" * ndim, data[4: 4 + 4 * ndim])
-    arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise ConfigError(f"{path} is truncated ({arr.size} of {int(np.prod(shape))} values)")
-    return arr.reshape(shape)
-
-
 def _find(directory: Path, stem: str) -> Path:
     for name in (stem + ".gz", stem):
         if (directory / name).is_file():
@@ -194,7 +194,10 @@ def _find(directory: Path, stem: str) -> Path:
 def _fashion_mnist(directory: Path):
     parts = []
     for prefix in ("train", "t10k"):
-        images = read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
-        parts.append(((images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64)))
+        files = [_find(directory, f"{prefix}-{part}-idx{n}-ubyte") for part, n in (("images", 3), ("labels", 1))]
+        images, labels = read_pair(*files, classes=len(FASHION_CLASSES))
+        if parts and images.shape[1:] != parts[0][0].shape[2:]:
+            raise ConfigError(f"{files[0]} holds {'x'.join(map(str, images.shape[1:]))} images, the training "
+                              f"files {'x'.join(map(str, parts[0][0].shape[2:]))}", "pass the matching test files")
+        parts.append(((images.astype(np.float32) / 255.0)[:, None], labels))
     return parts[0], parts[1]

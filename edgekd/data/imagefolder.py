@@ -1,6 +1,7 @@
 """Image folders: ``--data imagefolder:DIR`` with ``DIR/train/<class>/*`` and optional ``test/`` and ``val/``.
 
-Images (PNG, JPEG, BMP, WebP) are decoded lazily, never all held in memory: once per split into the
+Images (PNG, JPEG, BMP, WebP) are decoded to 8 bits per channel (16-bit grayscale PNGs are scaled,
+v * 255 / 65535 rounded, so a 16-bit image gives the picture of its 8-bit version) lazily, never all held in memory: once per split into the
 decoded-image cache (data.decoded, ``--image-cache``) when it is on, then read memory-mapped; else one
 sample at a time, by a DataLoader's worker processes in training. Classes are the sorted folder names of
 ``train/`` and must be the same in every split. Without ``val/`` (or ``test/``) a seeded,
@@ -67,7 +68,7 @@ class Transform:
 
     def pixels(self, im, rng: np.random.Generator | None = None, path: str = "") -> np.ndarray:
         """An open PIL image through this geometry, uint8 (C, H, W)."""
-        im = im.convert("L" if self.channels == 1 else "RGB")
+        im = eight_bit(im).convert("L" if self.channels == 1 else "RGB")
         if rng is not None and self.augment == "crop+flip":
             im = _random_resized_crop(im, self.size, rng)
         elif self.resize is not None:
@@ -85,6 +86,17 @@ class Transform:
     def describe(self) -> dict:
         return {"resize_shorter_side": self.resize, "center_crop": list(self.size), "channels": self.channels,
                 "scale": "1/255", "normalize": {"mean": self.mean, "std": self.std}}
+
+
+def eight_bit(im):
+    """A 16-bit grayscale image (PNG's ``I;16``, or mode ``I``, as older Pillow reads 16-bit PNGs) scaled to
+    8 bits, v * 255 / 65535 rounded (PIL's convert would clip every value above 255); others as they are."""
+    from PIL import Image
+
+    if not im.mode.startswith("I"):
+        return im
+    a = np.asarray(im).astype(np.int64)
+    return Image.fromarray(np.clip((a * 255 + 32767) // 65535, 0, 255).astype(np.uint8), "L")
 
 
 def _resize_center_crop(im, shorter: int, size: tuple[int, int]):
@@ -171,7 +183,8 @@ class FolderSplit:
         how = "random crops taken from it" if crops else "read memory-mapped"
         if crops and self.train_transform.resize is not None:
             how = "training decodes the files for its random resized crops (--augment flip reads the cache)"
-        return f"decoded-image cache {self.cache.path} ({self.cache.nbytes / 2**20:.1f} MB): {how}"
+        again = f", rebuilt: {self.cache.rebuilt}" if self.cache.rebuilt else ""
+        return f"decoded-image cache {self.cache.path} ({self.cache.nbytes / 2**20:.1f} MB{again}): {how}"
 
     def load(self, i: int, rng: np.random.Generator | None = None) -> np.ndarray | None:
         """Sample ``i`` through the eval transform (``rng``: the training one); None for a bad file
@@ -297,7 +310,8 @@ def probe(files: list[str], options: FolderOptions) -> tuple[int, tuple[int, int
                 sizes.add(im.size)
         except Exception:
             continue  # reported when decoded (or skipped with --skip-bad-images)
-    channels = options.channels or (1 if modes <= {"L", "1", "I;16", "I"} and modes else 3)
+    gray = all(m in ("L", "1", "F") or m.startswith("I") for m in modes)  # I, I;16, I;16B: 16-bit grayscale
+    channels = options.channels or (1 if gray and modes else 3)
     if options.image_size:
         return channels, (options.image_size, options.image_size)
     if len(sizes) > 1:

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .objective import LOSSES, Term, _f
+from ..config.options import shown
+from ..core.errors import ConfigError
+from .objective import LOSSES, Term, _f, bounded, method_name
 
 
 @dataclass(eq=False)
@@ -26,7 +28,8 @@ class _FeatureTerm(Term):
         for side in ("student", "teacher"):
             value = getattr(self, side)
             if value is not None:
-                setattr(self, side, [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])])
+                setattr(self, side, [_layer_name(v, self, side) for v in
+                                     (value if isinstance(value, (list, tuple)) else [value])])
 
     def setup(self, probe) -> None:
         if self.adapters is not None:
@@ -49,6 +52,14 @@ class _FeatureTerm(Term):
 
     def pairs(self, feats):
         return [(feats.student[s], feats.teacher[t].to(feats.student[s].dtype)) for s, t in zip(self.student, self.teacher)]
+
+
+def _layer_name(value, term, side: str) -> str:
+    """A layer named by module path (a string, or an integer index of a Sequential)."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**6):
+        return str(value)
+    raise ConfigError(f"method {method_name(type(term))!r}: parameter {side!r} must name layers (a module path "
+                      f"or a list of them), got {shown(value)}", f'e.g. {side}=["5", "8.relu"] (see --list-layers)')
 
 
 def _pool_to(x: torch.Tensor, size) -> torch.Tensor:
@@ -110,7 +121,7 @@ class AttentionTransfer(_FeatureTerm):
     networks share, the last output at it (the references pair every stage's output).
     """
 
-    p: float = 2.0
+    p: float = bounded(2.0, lo=0, lo_open=True, hi=16)
     weight = 1000.0
 
     def forward(self, student_logits, teacher_logits, labels, feats=None):

@@ -28,6 +28,13 @@ def _value(out):
     return getattr(out, "value", out)
 
 
+def _device(model: nn.Module) -> torch.device:
+    """Where ``model`` runs: its first parameter's (or buffer's) device, the CPU for neither."""
+    first = next(iter(model.parameters()), None)
+    first = first if first is not None else next(iter(model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _source(model: nn.Module) -> nn.Module:
     """The module whose layers are hooked (a teacher ensemble exposes its first member)."""
     return getattr(model, "feature_source", model)
@@ -104,10 +111,12 @@ def _layers(source: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @torch.no_grad()
 def run_order(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str, tuple]]:
-    """(name, type, output shape without batch) of every leaf module that runs, in completion order."""
+    """(name, type, output shape without batch) of every leaf module that runs, in completion order.
+    ``x`` (e.g. a CPU batch) is moved to the model's device (a teacher on a GPU)."""
     import copy
 
     model = copy.deepcopy(model)  # an eval pass must not touch a fresh quantizer's statistics
+    x = x.to(_device(model))
     source = _source(model)
     rows, handles = [], []
     for name, m in _layers(source):

@@ -18,12 +18,12 @@ terms and weights explicitly.
 from __future__ import annotations
 
 import inspect
-import math
-from dataclasses import fields
+from dataclasses import field, fields
 
 import torch
 from torch import nn
 
+from ..config import options as op
 from ..core.errors import ConfigError
 from ..core.registry import Registry, suggest
 from .features import LOGITS, Feats
@@ -36,10 +36,42 @@ def _f(value) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _positive(term, *names: str) -> None:
-    for name in names:
-        if getattr(term, name) <= 0:
-            raise ConfigError(f"{name} must be positive, got {getattr(term, name)}")
+def bounded(default: float, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+          hi_open: bool = False):
+    """A number hyper-parameter of a term with its bounds, checked when the term is built (``check_params``)
+    and worded as the options table words an option's (config.options.Opt)."""
+    return field(default=default, metadata={"bounds": dict(lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)})
+
+
+def kd_temperature(default: float):
+    """A KD temperature: > 0 and at most config.options.MAX_TEMPERATURE."""
+    return bounded(default, lo=0, lo_open=True, hi=op.MAX_TEMPERATURE)
+
+
+def nonnegative(default: float):
+    """A weight inside a term: >= 0 (and finite, as every number)."""
+    return bounded(default, lo=0)
+
+
+def method_name(cls) -> str:
+    return next((name for name in LOSSES if LOSSES.get(name) is cls), cls.__name__)
+
+
+def check_params(term) -> None:
+    """Every number hyper-parameter of ``term`` (a field with a float default): a number (not text nor
+    true/false), finite, within its ``bounded`` bounds. One ConfigError naming the method and parameter."""
+    for f in fields(term):
+        if not (f.init and isinstance(f.default, float)):
+            continue
+        value, label = getattr(term, f.name), f"method {method_name(type(term))!r}: parameter {f.name!r}"
+        hint = f"e.g. {f.name}={f.default:g}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{label} must be a number, got {op.shown(value)}", hint)
+        bounds = f.metadata.get("bounds", {})
+        try:
+            op.check_number(op.Opt(f.name, f.default, (int, float), "", **bounds), value, label)
+        except ConfigError as e:
+            raise ConfigError(e.message, hint) from None
 
 
 class Term(nn.Module):
@@ -54,6 +86,7 @@ class Term(nn.Module):
 
     def __post_init__(self):
         nn.Module.__init__(self)  # dataclass fields are set first: plain attributes, kept
+        check_params(self)
 
     def setup(self, probe) -> None:
         """Resolve layer names and build adapters (feature terms); ``probe`` is a kd.features.Probe."""
@@ -83,14 +116,7 @@ def make_loss(method: str, **params) -> Term:
     if bad:
         raise ConfigError(f"method {method!r} has no parameter {bad[0]!r}{suggest(bad[0], list(accepted))}",
                           f"its parameters: {', '.join(accepted) or 'none'}")
-    for key, value in params.items():  # a number parameter given as text fails here, not mid-training
-        if isinstance(accepted[key], float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"method {method!r}: parameter {key!r} must be a number, got {value!r}",
-                              f"e.g. {key}={accepted[key]:g}")
-        if isinstance(accepted[key], float) and not math.isfinite(value):
-            raise ConfigError(f"method {method!r}: parameter {key!r} must be a finite number, got {value!r}",
-                              f"e.g. {key}={accepted[key]:g}")
-    return cls(**params)
+    return cls(**params)  # its numbers are checked as it is built (check_params), not mid-training
 
 
 def describe_methods() -> list[dict]:
@@ -145,8 +171,8 @@ class Objective(nn.Module):
             name = spec.pop("name")
             weight = spec.pop("weight", None)
             term = make_loss(name, **spec)
-            if weight is not None and not (_is_number(weight) and math.isfinite(weight) and weight >= 0):
-                raise ConfigError(f"{where} {name!r}: weight must be a finite number >= 0, got {weight!r}")
+            if weight is not None and not (_is_number(weight) and op.finite(weight) and weight >= 0):
+                raise ConfigError(f"{where} {name!r}: weight must be a finite number >= 0, got {op.shown(weight)}")
             terms.append((name, float(term.weight if weight is None else weight), term))
         return cls(terms)
 
@@ -246,4 +272,9 @@ def check_terms(terms: list[dict], source: str) -> None:
             if key not in allowed:
                 raise ConfigError(f"{where} ({term['name']}): unknown key {key!r}{suggest(key, allowed)}",
                                   f"its keys: {', '.join(allowed)}")
-        Objective.from_specs([term], where)  # values are checked by the term itself
+        try:
+            Objective.from_specs([term], where)  # values are checked by the term itself
+        except ConfigError as e:
+            if e.message.startswith(where):
+                raise
+            raise ConfigError(f"{where}: {e.message}", e.hint) from None

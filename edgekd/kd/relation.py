@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..core.errors import ConfigError
 from .feature import _FeatureTerm, common_size
-from .objective import LOSSES, _f
+from .objective import LOSSES, _f, bounded, nonnegative
 
 
 def _pairwise_distances(e: torch.Tensor) -> torch.Tensor:
@@ -46,8 +46,8 @@ class RelationalKD(_FeatureTerm):
     flat output before the classifier) of each network; name ``logits`` to use the logits.
     """
 
-    distance_weight: float = 25.0
-    angle_weight: float = 50.0
+    distance_weight: float = nonnegative(25.0)
+    angle_weight: float = nonnegative(50.0)
     auto = "embedding"
 
     def forward(self, student_logits, teacher_logits, labels, feats=None):
@@ -82,13 +82,8 @@ class FlowOfSolution(_FeatureTerm):
     at it (at least 2). Used directly in a training loop (no scheme), the term is trained jointly.
     """
 
-    stage: float = 0.125
+    stage: float = bounded(0.125, lo=0, lo_open=True, hi=10)  # a fraction of the run's training epochs
     first_stage = True
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.stage <= 0:
-            raise ConfigError(f"stage must be positive (a fraction of the run's epochs), got {self.stage}")
 
     def stage_epochs(self, epochs: int) -> int:
         """The first stage's length for a run of ``epochs`` training epochs."""

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core.errors import ConfigError
-from .objective import LOSSES, Term, _positive
+from .objective import LOSSES, Term, bounded, kd_temperature, nonnegative
 from .teachers import logit_target, soft_log_probs, summed_over
 
 
@@ -38,15 +37,9 @@ class HintonKD(Term):
     paper fixes no T. Includes its own label term.
     """
 
-    temperature: float = 4.0
-    alpha: float = 0.9
+    temperature: float = kd_temperature(4.0)
+    alpha: float = bounded(0.9, lo=0, hi=1)
     ce_weight = 0.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        _positive(self, "temperature")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
 
     def forward(self, student_logits, teacher_logits, labels, feats=None):
         kd = kd_divergence(student_logits, teacher_logits, self.temperature)
@@ -73,7 +66,7 @@ class CrossEntropyOnly(Term):
 class CrossEntropy(CrossEntropyOnly):
     """Cross-entropy on the labels, as a recipe term (label_smoothing 0 = plain CE)."""
 
-    label_smoothing: float = 0.0
+    label_smoothing: float = bounded(0.0, lo=0, hi=1)
 
     def forward(self, student_logits, teacher_logits, labels, feats=None):
         ce = F.cross_entropy(student_logits, labels, label_smoothing=self.label_smoothing)
@@ -89,13 +82,9 @@ class SoftTargets(Term):
     same numbers as its ``kd_loss``; RepDistiller ``DistillKL``).
     """
 
-    temperature: float = 4.0
+    temperature: float = kd_temperature(4.0)
     weight = 0.9
     ce_weight = 0.1
-
-    def __post_init__(self):
-        super().__post_init__()
-        _positive(self, "temperature")
 
     def forward(self, student_logits, teacher_logits, labels, feats=None):
         kd = kd_divergence(student_logits, teacher_logits, self.temperature)
@@ -170,16 +159,13 @@ class DecoupledKD(Term):
     with the fractional epoch); 0 turns it off. Outside a training loop (no set_epoch) the ramp is 1.
     """
 
-    alpha: float = 1.0
-    beta: float = 8.0
-    temperature: float = 4.0
-    warmup: float = 20.0 / 240.0
+    alpha: float = nonnegative(1.0)
+    beta: float = nonnegative(8.0)
+    temperature: float = kd_temperature(4.0)
+    warmup: float = bounded(20.0 / 240.0, lo=0, hi=1)  # a fraction of the phase's epochs
 
     def __post_init__(self):
         super().__post_init__()
-        _positive(self, "temperature")
-        if self.warmup < 0:
-            raise ConfigError(f"warmup must be >= 0 (a fraction of the phase's epochs), got {self.warmup}")
         self.ramp = 1.0
 
     def set_epoch(self, epoch: float, epochs: int) -> None:
@@ -208,18 +194,12 @@ class TeacherFreeKD(Term):
     correct_prob 0.99 is fixed in their code. Needs no teacher.
     """
 
-    correct_prob: float = 0.99
-    temperature: float = 10.0
-    multiplier: float = 1.0
+    correct_prob: float = bounded(0.99, lo=0, hi=1, lo_open=True, hi_open=True)
+    temperature: float = kd_temperature(10.0)
+    multiplier: float = nonnegative(1.0)
     needs_teacher = False
     weight = 0.95
     ce_weight = 0.05
-
-    def __post_init__(self):
-        super().__post_init__()
-        _positive(self, "temperature")
-        if not 0.0 < self.correct_prob < 1.0:
-            raise ConfigError(f"correct_prob must be in (0, 1), got {self.correct_prob}")
 
     def virtual_teacher(self, labels: torch.Tensor, classes: int) -> torch.Tensor:
         """softmax(u / T), u the label's hand-made distribution, built on the labels' device."""

@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError, IncompatibleError, MissingFileError
+from ..config.options import MAX_SEED, shown
+from .safefile import check_safetensors, check_state
 from .specs import build_model, check_trusted
+
+MAX_CLASSES = 2**20  # a head larger than this is a damaged file, not a model
+MAX_INPUT = 2**26  # C * H * W of one input (a 3 x 4096 x 4096 image is 2^25.6)
 
 
 def save_checkpoint(path: Path, state_dict: dict, meta: dict) -> None:
@@ -37,7 +42,7 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint",
     if not path.is_file():
         raise MissingFileError(f"{what} not found: {path}", missing_fix)
     if path.suffix == ".safetensors":
-        return {"format": "safetensors", "meta": {}, "state_dict": _load_safetensors(path)}
+        return {"format": "safetensors", "meta": {}, "state_dict": check_state(_load_safetensors(path), path)}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -55,25 +60,35 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint",
         raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch file "
                               f"({type(e).__name__}: {detail})", "pass a complete .pt or .safetensors file") from None
     if isinstance(obj, dict) and obj.get("format") == "edgekd-checkpoint-1":
+        if not isinstance(obj.get("meta"), dict):
+            raise CheckpointError(f"{path} is damaged: its metadata is not a table", "use the file edgekd wrote")
+        check_state(obj.get("state_dict"), path)
         return obj
     from .weights import WRAPPERS, unwrap
 
     state = unwrap(obj)
     if state is not None:
-        return {"format": "state_dict", "meta": {}, "state_dict": state}
+        return {"format": "state_dict", "meta": {}, "state_dict": check_state(state, path)}
     raise CheckpointError(f"{path} is not a state_dict or an edgekd checkpoint",
                           f"save model.state_dict() (or a dict holding it under one of {', '.join(WRAPPERS)}), "
                           "or .safetensors")
 
 
 def _load_safetensors(path: Path) -> dict:
+    """The tensors of a .safetensors file whose header was checked first (models.safefile)."""
+    check_safetensors(path)
     try:
         from safetensors.torch import load_file
     except ImportError:
         from ..core.errors import MissingExtraError
 
         raise MissingExtraError("safetensors", "safetensors", "loading .safetensors checkpoints") from None
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:  # what the header check does not foresee (e.g. a dtype this torch lacks)
+        detail = " ".join(str(e).split())[:160]
+        raise CheckpointError(f"cannot read weights file {path} ({type(e).__name__}: {detail})",
+                              "pass a complete .safetensors file") from None
 
 
 def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
@@ -99,18 +114,20 @@ def check_meta(meta: dict, path, keys=("arch", "num_classes", "input_shape")) ->
     CheckpointError naming the file and the key (a damaged or hand-edited checkpoint)."""
     def positive_ints(v, n=None):
         return isinstance(v, list) and (n is None or len(v) == n) and all(
-            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v)
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v) and math.prod(v) <= MAX_INPUT
 
     def numbers(v):
         return isinstance(v, list) and v and all(isinstance(d, (int, float)) and not isinstance(d, bool)
                                                  and math.isfinite(d) for d in v)
 
     checks = {"arch": (lambda v: isinstance(v, str) and v != "", "a model spec (a string)"),
-              "num_classes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2,
-                              "an integer >= 2"),
-              "input_shape": (lambda v: positive_ints(v, 3), "three positive integers [C, H, W]"),
+              "num_classes": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= MAX_CLASSES,
+                              f"an integer between 2 and {MAX_CLASSES}"),
+              "input_shape": (lambda v: positive_ints(v, 3),
+                              f"three positive integers [C, H, W] with C*H*W at most {MAX_INPUT}"),
               "dataset": (lambda v: isinstance(v, str) and v != "", "a dataset spec (a string)"),
-              "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+              "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED,
+                       f"an integer between 0 and {MAX_SEED}"),
               "classes": (lambda v: isinstance(v, list) and len(v) == meta.get("num_classes"),
                           "a list of num_classes names"),
               "normalization": (lambda v: isinstance(v, dict) and numbers(v.get("mean")) and numbers(v.get("std")),
@@ -121,7 +138,7 @@ def check_meta(meta: dict, path, keys=("arch", "num_classes", "input_shape")) ->
             raise CheckpointError(f"{path} is damaged: its metadata has no {key!r}", "use the file edgekd wrote")
         ok, expected = checks[key]
         if not ok(meta[key]):
-            raise CheckpointError(f"{path} is damaged: metadata {key!r} must be {expected}, got {meta[key]!r}"[:300],
+            raise CheckpointError(f"{path} is damaged: metadata {key!r} must be {expected}, got {shown(meta[key])}",
                                   "use the file edgekd wrote")
     return meta
 

@@ -127,7 +127,12 @@ def apply_weights(model: nn.Module, state: dict, source: str, new_head: bool = F
         state.update({k: v for k, v in own.items() if k.startswith(head_prefix)})
     _check_fit(own, state, source, stem, head)
     state.update({k: v for k, v in own.items() if k not in state and k.endswith("num_batches_tracked")})
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # names and shapes fit (checked above), yet a tensor does not copy
+        detail = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{source} does not load into the architecture: {detail}",
+                              "save the weights as float tensors from model.state_dict()") from None
     return model
 
 

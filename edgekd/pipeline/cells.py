@@ -74,7 +74,8 @@ def _distill(cell: Cell, opts, run_dir: Path, float_from: Path | None, log: Log)
     dopts = DistillOptions(data=opts.data, teacher=opts.teacher, student=student, weight_bits=cell.bits,
                            act_bits=cell.bits, target=opts.target, method=cell.method, epochs=opts.epochs,
                            float_epochs=float_epochs, teacher_epochs=opts.teacher_epochs, seed=cell.seed,
-                           progress=opts.progress, config=opts.config, **opts.read)
+                           progress=opts.progress, config=opts.config, layer_bits=list(opts.layer_bits) or None,
+                           **opts.read)
     log(f"{cell.name}: distilling into {run_dir}")
     return distill(dopts, out=run_dir, log=lambda s: log(f"{cell.name}: {s}"))
 
@@ -86,7 +87,8 @@ def _quantize(cell: Cell, opts, run_dir: Path, source: Path, log: Log) -> dict:
     if done is not None:
         return done
     log(f"{cell.name}: post-training quantization of the float student of {source.name}")
-    qopts = QuantizeOptions(weight_bits=cell.bits, act_bits=cell.bits, target=opts.target, seed=cell.seed)
+    qopts = QuantizeOptions(weight_bits=cell.bits, act_bits=cell.bits, target=opts.target, seed=cell.seed,
+                            layer_bits=list(opts.layer_bits) or None)
     return quantize(source, qopts, out=run_dir, log=lambda s: log(f"{cell.name}: {s}"))
 
 

@@ -60,7 +60,17 @@ def load_data(spec: str, seed: int, options, torch_data=None):
         return torch_data.dataset(seed)
     from ..data import load_dataset
 
+    _check_cache_dir(spec, options)
     return load_dataset(spec, seed=seed, options=options)
+
+
+def _check_cache_dir(spec: str, options) -> None:
+    """An image folder read through the decoded-image cache: a cache folder that cannot be made
+    (``$EDGEKD_CACHE_DIR`` a file, /dev/null) is one line before anything is written."""
+    if spec.partition(":")[0] == "imagefolder" and getattr(options, "image_cache", "off") != "off":
+        from ..data import decoded
+
+        decoded.check_cache_dir(decoded.cache_dir())
 
 
 def model_meta(arch: str, data, data_spec: str, seed: int) -> dict:

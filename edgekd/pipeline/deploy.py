@@ -19,7 +19,6 @@ from ..core.fsutil import BUNDLES_DIR, atomic_dir, check_output, write_json
 from ..config import options as op
 from .common import Log, quiet
 from .evalset import DEFAULT_EVAL_SAMPLES, eval_arrays, full_accuracy, read_test_split
-from .distill import find_run, load_float, load_student, read_metrics
 
 
 def export(run_dir: str | Path | None, target_name: str, out: Path | None = None, log: Log = quiet,
@@ -42,6 +41,7 @@ def export(run_dir: str | Path | None, target_name: str, out: Path | None = None
     from ..backends import get_backend
     from ..bundle import file_hashes
     from ..core.locks import check_unlocked
+    from .distill import find_run, read_metrics  # torch: imported by export only, never by compile_bundle
 
     run_dir = find_run(run_dir)
     target = catalog.load_target(target_name)
@@ -64,7 +64,8 @@ def export(run_dir: str | Path | None, target_name: str, out: Path | None = None
                                  (x, y, reference), data, log)
         manifest = manifest_base(target, meta, metrics) | manifest | {
             "run_dir": str(run_dir), "transform": meta.get("transform"), "data_options": meta.get("data_options"),
-            "init_weights": meta.get("init_weights"), "files": file_hashes(tmp)}
+            "init_weights": meta.get("init_weights"), "files": file_hashes(tmp),
+            "layers": None if float_model else _layers(model)}
         write_json(tmp / "manifest.json", manifest)
     return manifest | {"bundle_dir": str(out)}
 
@@ -72,6 +73,8 @@ def export(run_dir: str | Path | None, target_name: str, out: Path | None = None
 def _model_to_export(run_dir: Path, target, backend, float_model: bool, student, trust_code: bool):
     """The run's quantized student (or, ``float_model``, its float one) and its metadata, after the
     backend has checked the run's quantizer conventions."""
+    from .distill import load_float, load_student
+
     if float_model:
         return load_float(run_dir, student, trust_code)
     model, meta = load_student(run_dir, student, trust_code)
@@ -111,6 +114,13 @@ def _build_bundle(tmp: Path, name: str, model, flavour: str, target, backend, sa
         "fusion": compiled.reports.get("fusion"), **full}
 
 
+def _layers(model) -> list[dict]:
+    """Per Conv / Linear layer of the quantized student: its resolved weight and activation bits."""
+    from ..quant import layerbits
+
+    return layerbits.table(model)
+
+
 def retrain_command(run_dir: Path, target: str) -> str:
     """The ``edgekd distill`` line that trains the run again with ``target``'s conventions."""
     try:
@@ -121,6 +131,9 @@ def retrain_command(run_dir: Path, target: str) -> str:
     for key in ("data", "student", "weight_bits", "act_bits", "method", "epochs", "float_epochs"):
         if isinstance(recipe.get(key), (str, int)) and not isinstance(recipe.get(key), bool):
             parts.append(f"--{key.replace('_', '-')} {recipe[key]}")
+    rules = recipe.get("layer_bits") if isinstance(recipe, dict) else None  # per-layer bits, as --layer-bits takes them
+    if isinstance(rules, list):
+        parts += [f"--layer-bits '{r}'" for r in rules if isinstance(r, str) and "'" not in r]
     return " ".join(parts + [f"--target {target}", f"--out {Path(run_dir).name}-{target}"])
 
 

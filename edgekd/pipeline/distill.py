@@ -88,6 +88,7 @@ def _plan(opts: DistillOptions, out: Path | None, log: Log, asks: _Asks, resume:
     """Check everything a typo or a bad combination can break, before any teacher trains: options,
     recipe, target and bits, the objective, the output path, the data, and that the student traces."""
     from .. import models, quant
+    from ..quant import layerbits
     from ..training import schemes
     from ..training.checkpoint import partial_dir
 
@@ -99,7 +100,7 @@ def _plan(opts: DistillOptions, out: Path | None, log: Log, asks: _Asks, resume:
     new_objective = objective_factory(opts)
     method = opts.method if not opts.loss else new_objective().name
     name = slug(dataset_name(opts.data), models.split_weights(opts.student)[0] or Path(opts.student).stem,
-                spec.label.lower(), method,
+                spec.label.lower(), *(["mixed"] if spec.layer_bits else []), method,
                 *([opts.scheme] if opts.scheme != "offline" else []))
     out = Path(out) if out else RUNS_DIR / name
     teacher_files = [models.split_weights(t)[1] for t in teacher_specs(opts.teacher) if t]
@@ -111,6 +112,7 @@ def _plan(opts: DistillOptions, out: Path | None, log: Log, asks: _Asks, resume:
         data.flip_augment = opts.flip
     student = make_student(opts.student, data, asks.objects.student, log, asks.trust_code)
     quant.trace(student.model)  # an untraceable student fails in seconds, not after the teacher
+    layerbits.check(student.model, spec)  # a --layer-bits pattern naming no layer too
     opts = replace(opts, order=order, epochs=op.qat_epochs(opts.epochs, spec.weight_bits, spec.act_bits),
                    qat_temperature=op.qat_temperature(opts, spec.weight_bits, spec.act_bits))
     return _Plan(opts, order, target, spec, new_objective, data, student.model, method, out,
@@ -168,8 +170,8 @@ def _metrics(plan: _Plan, run, result, objective, teacher_acc, teacher_src, stud
     opts, spec = plan.opts, plan.spec
     return {"teacher_accuracy": teacher_acc, "student_accuracy": student_acc,
             "student_float_accuracy": result.float_accuracy, "val_accuracy": result.val_accuracy,
-            "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "method": plan.method,
-            "epochs": opts.epochs, "float_epochs": result.float_epochs, "dataset": opts.data,
+            "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "layer_bits": spec.layer_rules_text,
+            "method": plan.method, "epochs": opts.epochs, "float_epochs": result.float_epochs, "dataset": opts.data,
             "student": opts.student, "student_params": models.count_params(plan.float_model),
             "target": plan.target.name, "scheme": opts.scheme, "order": plan.order,
             "loss": (run.objectives or [objective])[-1].describe(), "teacher": teacher_src,
@@ -196,13 +198,15 @@ def _board(out: Path, tensorboard: bool, log: Log, held: ExitStack | None):
 
 def _write_run(plan: _Plan, result, metrics: dict, lines: list[str], log: Log = quiet) -> None:
     from .. import models
+    from ..quant import layerbits
     from ..training.curves import write_curves
 
     opts, spec = plan.opts, plan.spec
     meta = model_meta(plan.student.arch, plan.data, opts.data, opts.seed) | {
         "quant": spec.to_dict(), "target": plan.target.name, "init_weights": plan.student.weights}
     recipe = asdict(opts) | {"float_epochs": result.float_epochs, "qat_lr": result.qat_lr,
-                             "target": plan.target.name, "order": plan.order, "loss": metrics["loss"]}
+                             "target": plan.target.name, "order": plan.order, "loss": metrics["loss"],
+                             **layerbits.record(result.student, log)}
     recipe.pop("progress")
     with atomic_dir(plan.out) as tmp:
         models.save_checkpoint(tmp / "student.pt", result.student.state_dict(), meta)
@@ -244,7 +248,10 @@ def with_recipe(opts: DistillOptions, trust_code: bool = False) -> DistillOption
         for value in values if isinstance(values, list) else [values]:
             arch = split_weights(value)[0] if isinstance(value, str) else None
             check_trusted(arch, f"{opts.config}: {key}", f"--{key.removesuffix('s')} {arch}", trust_code)
+    cli_rules = opts.layer_bits if "layer_bits" in explicit else None
     opts = recipe.apply(opts, options, explicit)
+    if cli_rules and options.get("layer_bits"):  # the recipe's rules, then the command line's (later wins)
+        opts = replace(opts, layer_bits=[*options["layer_bits"], *cli_rules])
     return replace(opts, loss=terms) if opts.loss is None and terms else opts
 
 
@@ -274,14 +281,15 @@ def quant_spec(opts: DistillOptions, log: Log):
     """The target and the QuantSpec of the student: the requested bits with the target's conventions,
     checked by the catalog's pre-flight (errors stop the run before any training)."""
     from .. import catalog, quant
-
+    from ..quant import layerbits
     target = catalog.load_target(opts.target)
-    spec = quant.spec_for_target(target, opts.weight_bits, opts.act_bits, opts.first_last_bits)
-    if spec.weight_bits != opts.weight_bits or spec.first_last_bits != opts.first_last_bits:
+    rules = layerbits.rules_from(opts.layer_bits)
+    spec = quant.spec_for_target(target, opts.weight_bits, opts.act_bits, opts.first_last_bits, layer_bits=rules)
+    if (spec.weight_bits, spec.first_last_bits, spec.layer_bits) != (opts.weight_bits, opts.first_last_bits, rules):
         log(f"warning: target {target.name} uses reduce_range: weights are trained with at most 7 bits "
             f"(W{spec.weight_bits}, first/last layers {spec.first_last_weight_bits}) because ONNX "
             "Runtime's x86 int8 kernels saturate with 8-bit weights on CPUs without VNNI; on ARM use --target rpi")
-    findings = catalog.preflight(target, spec.weight_bits, spec.act_bits)
+    findings = catalog.preflight(target, spec.weight_bits, spec.act_bits, layer_bits=spec.layer_bits)
     for finding in findings:
         if finding["level"] != "error":
             log(f"{finding['level']}: {finding['message']}")
@@ -338,7 +346,8 @@ def load_student(run_dir: Path, student=None, trust_code: bool = False):
                           "pass a run directory written by 'edgekd distill'")
     models.check_meta(meta, ckpt_path, STUDENT_META)
     try:
-        qspec = quant.QuantSpec(**meta["quant"])
+        # a run written before QuantSpec.first_last_by found its first/last layers by shape
+        qspec = quant.QuantSpec(**{"first_last_by": "shape", **meta["quant"]})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt_path} is damaged: metadata 'quant' is not a quantization spec ({e})",
                               "use the file edgekd wrote") from None

@@ -46,7 +46,7 @@ def read_test_split(meta: dict, torch_data=None):
         if torch_data is None:
             raise EdgekdError("the run's data came from the Python API (python-api), which export cannot read again",
                               "call api.export(..., data=api.TorchData(...)) with the same datasets")
-        return torch_data.dataset(meta["seed"])
+        return _same_classes(torch_data.dataset(meta["seed"]), meta)
     options = DataOptions.from_record(meta.get("data_options"), workers=DataOptions().workers)
     norm = meta["normalization"]
     if meta["dataset"].startswith("imagefolder:") and options.normalize == "auto":
@@ -56,6 +56,11 @@ def read_test_split(meta: dict, torch_data=None):
     if [data.mean, data.std] != [norm["mean"], norm["std"]]:
         raise EdgekdError(f"the dataset {meta['dataset']} no longer matches the run's normalization",
                           "export on the machine and data the student was distilled with")
+    return _same_classes(data, meta)
+
+
+def _same_classes(data, meta: dict):
+    """``data`` when its classes are the run's (so every test label is one of the model's outputs)."""
     if list(data.classes) != list(meta["classes"]):
         raise EdgekdError(f"the classes of {meta['dataset']} are not the run's any more ({len(data.classes)} now, "
                           f"{len(meta['classes'])} in the run)", "export with the data the student was distilled with")

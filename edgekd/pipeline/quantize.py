@@ -28,6 +28,7 @@ class QuantizeOptions:
     act_bits: int = op.default("act_bits")
     target: str = op.default("target")
     first_last_bits: int | str = op.default("first_last_bits")
+    layer_bits: list | None = None  # per-layer rules (quant.layerbits): --layer-bits PATTERN=WxAy
     calib_samples: int = op.default("calib_samples")  # training images the activation ranges are calibrated on
     bias_correction: bool = True
     seed: int = op.default("seed")
@@ -55,6 +56,7 @@ def quantize(source: str | Path, opts: QuantizeOptions, out: Path | None = None,
     import torch
 
     from .. import models
+    from ..quant import layerbits
     from ..quant.ptq import post_training_quantize
     from .evalset import read_test_split
     from ..training import accuracy, set_threads
@@ -64,10 +66,13 @@ def quantize(source: str | Path, opts: QuantizeOptions, out: Path | None = None,
     op.check("first_last_bits", opts.first_last_bits)
     op.check("seed", opts.seed)
     op.check("calib_samples", opts.calib_samples)
+    op.check("layer_bits", opts.layer_bits)
     path = float_source(source)
     target, spec = quant_spec(_as_distill(opts), log)
     model, meta = models.load_model(path, trust_code=opts.trust_code)
-    out = Path(out) if out else RUNS_DIR / slug(dataset_name(meta["dataset"]), meta["arch"], spec.label.lower(), "ptq")
+    layerbits.check(model, spec)  # a pattern that names no layer fails before calibration
+    out = Path(out) if out else RUNS_DIR / slug(dataset_name(meta["dataset"]), meta["arch"], spec.label.lower(),
+                                                *(["mixed"] if spec.layer_bits else []), "ptq")
     check_output(out, "run", [path.parent if path.name in FLOAT_FILES else path], overwrite)
     data = read_test_split(meta)  # as the float model saw it (its recorded data options and normalization)
     float_acc = accuracy(model, data.test)
@@ -82,7 +87,8 @@ def quantize(source: str | Path, opts: QuantizeOptions, out: Path | None = None,
         f"({'with' if opts.bias_correction else 'without'} bias correction) in {seconds:.1f}s: test accuracy "
         f"{acc:.4f} (float {float_acc:.4f})")
     metrics = {"teacher_accuracy": None, "student_accuracy": acc, "student_float_accuracy": float_acc,
-               "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "method": "ptq", "epochs": 0,
+               "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "layer_bits": spec.layer_rules_text,
+               "method": "ptq", "epochs": 0,
                "float_epochs": 0, "dataset": meta["dataset"], "student": meta["arch"],
                "student_params": models.count_params(model), "target": target.name, "source": str(path),
                "calib_samples": n, "bias_correction": opts.bias_correction, "seconds": seconds, "history": []}
@@ -90,13 +96,14 @@ def quantize(source: str | Path, opts: QuantizeOptions, out: Path | None = None,
         full = model_meta(meta["arch"], data, meta["dataset"], meta["seed"])
         models.save_checkpoint(tmp / "student.pt", qmodel.state_dict(),
                                full | {"quant": spec.to_dict(), "target": target.name})
-        write_json(tmp / "recipe.json", {"method": "ptq", "source": str(path), **vars(opts)})
+        write_json(tmp / "recipe.json", {"method": "ptq", "source": str(path), **vars(opts),
+                                         **layerbits.record(qmodel, log)})
         write_json(tmp / "metrics.json", {"format": RUN_FORMAT} | metrics)
         write_text(tmp / "log.txt", f"ptq {spec.label} from {path}: test accuracy {acc:.4f}\n")
     return metrics | {"run_dir": str(out)}
 
 
 def _as_distill(opts: QuantizeOptions):
-    """The distill options quant_spec reads (bits, target, first/last layers)."""
+    """The distill options quant_spec reads (bits, target, first/last layers, per-layer rules)."""
     return op.DistillOptions(weight_bits=opts.weight_bits, act_bits=opts.act_bits, target=opts.target,
-                             first_last_bits=opts.first_last_bits)
+                             first_last_bits=opts.first_last_bits, layer_bits=opts.layer_bits)

@@ -49,6 +49,7 @@ class SweepOptions:
     seeds: tuple[int, ...] | None = None  # several seeds (None: seed alone)
     reference: bool = False  # an fp32 bundle of the float student, per seed
     config: str | None = None  # a recipe applied to every trained cell
+    layer_bits: tuple[str, ...] = ()  # per-layer rules (--layer-bits PATTERN=WxAy) of every quantized cell
     profile: str | None = None
     root: Path | None = None
     progress: bool = False
@@ -78,8 +79,8 @@ class SweepOptions:
         return self._per_bits(lambda b: op.qat_epochs(self.epochs, b, b))
 
     def qat_temperature(self) -> float | dict | None:
-        """Hinton's QAT-phase temperature of the trained cells (None without hinton)."""
-        if "hinton" not in self.methods:
+        """The QAT-phase KD temperature of the trained hinton / kd cells (None without either)."""
+        if not set(self.methods) & set(op.QAT_TEMPERATURE_METHODS):
             return None
         return self._per_bits(lambda b: op.qat_temperature(op.DistillOptions(), b, b))
 
@@ -89,7 +90,8 @@ class SweepOptions:
         record, temperature = DataOptions(**self.read).record(), self.qat_temperature()
         return {k: v for k, v in asdict(self).items() if k in RECIPE_KEYS} | {"epochs": self.qat_epochs(),
             "data_options": record if record != DataOptions().record() else None,
-            "seeds": list(self.seeds) if self.seeds else None, "config": self.config} | (
+            "seeds": list(self.seeds) if self.seeds else None, "config": self.config,
+            "layer_bits": list(self.layer_bits) or None} | (
             {"qat_temperature": temperature} if temperature is not None else {})
 
 
@@ -134,20 +136,16 @@ def run_sweep(opts: SweepOptions, log: Log = quiet, settings=None) -> SweepResul
     the best configuration under the profile's budgets. ``settings`` overrides the profile's
     bench settings (tests use it to time briefly)."""
     from .. import bench, catalog
-    from ..kd import LOSSES
 
-    for method in opts.methods:  # a misspelt method is a usage error, not one error row per cell
-        if method not in BASELINES:
-            LOSSES.get(method)
+    check_lists(opts)
+    if opts.layer_bits:  # as is a bad --layer-bits rule
+        from ..config.layerbits import rules_from
+
+        rules_from(list(opts.layer_bits))
     target = catalog.load_target(opts.target)
     prof = catalog.load_profile(opts.profile) if opts.profile else None
     budgets = prof.budgets if prof else None
     settings = settings or bench.resolve_settings(prof)
-    for seed in opts.seeds or ():
-        op.check("seed", seed, "--seeds")
-    for bits in opts.bits:
-        if not 2 <= bits <= 8:
-            log(f"warning: bits {bits} is outside 2..8; that cell will fail")
     root = Path(opts.root) if opts.root else default_root(opts, target.name)
     check_output(root, "sweep", overwrite=opts.overwrite)
     check_recipe(root, opts.recipe() | {"target": target.name})
@@ -161,6 +159,30 @@ def run_sweep(opts: SweepOptions, log: Log = quiet, settings=None) -> SweepResul
         r["pareto"] = any(r is f for f in front)
         r["best"] = r is best
     return SweepResult(root=root, rows=rows, pareto=front, best=best, batch_size=batch, budgets=budgets)
+
+
+def check_lists(opts: SweepOptions) -> None:
+    """Every bit width, method and seed of the sweep, before any work: a bad value is one error (the
+    bounds of --bits and --seed, a known method), as is an empty list or a value listed twice."""
+    from ..kd import LOSSES
+
+    for option, values in (("--bits", opts.bits), ("--methods", opts.methods), ("--seeds", opts.seeds)):
+        if values is not None and not values:
+            raise EdgekdError(f"{option} lists no value", "give at least one, e.g. " +
+                              {"--bits": "--bits 8,4", "--methods": "--methods hinton,none", "--seeds": "--seeds 0,1"}[option])
+        twice = next((v for i, v in enumerate(values or ()) if v in tuple(values)[:i]), None)
+        if twice is not None:
+            raise EdgekdError(f"{option} lists {op.shown(twice)} twice", "list each value once")
+    for bits in opts.bits:
+        op.check("bits", bits, "every bit width of --bits")
+    for method in opts.methods:  # a misspelt method is a usage error, not one error row per cell
+        if not isinstance(method, str):
+            raise EdgekdError(f"--methods takes method names, got {op.shown(method)}")
+        if method not in BASELINES:
+            LOSSES.get(method)
+    for seed in opts.seeds or ():
+        op.check("seed", seed, "every seed of --seeds")
+    op.check("seed", opts.seed, "--seed")
 
 
 def _source(cell: Cell, opts: SweepOptions, root: Path) -> Path | None:

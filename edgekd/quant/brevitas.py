@@ -9,7 +9,9 @@ layers. Every quantizer is built from one consistent set of maps so that all bit
 
 Scales are learned (initialised from statistics of the first training batches); weights are
 symmetric, narrow-range, per output channel by default; the first and last compute layers keep
-8-bit weights unless the caller says otherwise.
+8-bit weights unless the caller says otherwise. Per-layer rules (``QuantSpec.layer_bits``,
+quant.layerbits) then set any layer's weight bits (the quantizer Brevitas builds for that layer's
+path) and the bits of the activations it reads (the quantizer in front of it, rebuilt).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from ..config.options import SAME
 from ..core.errors import EdgekdError
-from . import mobile
+from . import layerbits, mobile
 from .spec import QuantSpec
 
 # ---- tracing ---------------------------------------------------------------------------------------
@@ -120,31 +122,24 @@ def act_init_percentile(bits: int) -> float:
     return 99.0 if bits <= 2 else 99.999
 
 
-def _maps(spec: QuantSpec, first_last: set[int]):
-    """The three maps Brevitas's graph passes take, all at ``spec``'s bits and conventions."""
+def _layer_weight_quant(spec: QuantSpec, bits: int, module):
+    """The weight quantizer of one layer at ``bits``; its scale starts from the absolute maximum, or
+    for a low-bit depthwise layer from the error-minimising threshold (quant.mobile)."""
+    from brevitas.core.stats import AbsMax
+
+    low_bit_depthwise = mobile.is_depthwise(module) and bits <= mobile.MSE_THRESHOLD_BITS
+    return _weight_quant(spec, bits).let(scaling_stats_impl=mobile.MSEThreshold if low_bit_depthwise else AbsMax)
+
+
+def _maps(spec: QuantSpec, weight_bits: dict[str, int]):
+    """The three maps Brevitas's graph passes take, all at ``spec``'s bits and conventions;
+    ``weight_bits``: each compute layer's weight bits by module path (quant.layerbits)."""
     import brevitas.nn as qnn
-    from brevitas.inject import value
     from brevitas.quant.scaled_int import Int32Bias
 
-    high = spec.first_last_weight_bits
-    low = spec.weight_bits
-
-    def bits(module):
-        return high if _layer_key(module) in first_last else low
-
-    @value
-    def weight_bit_width(module):
-        return bits(module)
-
-    @value
-    def scaling_stats_impl(module):  # the threshold a weight scale starts from
-        from brevitas.core.stats import AbsMax
-
-        low_bit_depthwise = mobile.is_depthwise(module) and bits(module) <= mobile.MSE_THRESHOLD_BITS
-        return mobile.MSEThreshold if low_bit_depthwise else AbsMax
-
-    layer_kwargs = {"weight_quant": _weight_quant(spec, low).let(bit_width=weight_bit_width,
-                                                                 scaling_stats_impl=scaling_stats_impl),
+    # Brevitas calls a lambda with the float layer and its module path (graph.base.ModuleToModule)
+    layer_kwargs = {"weight_quant": lambda module, name: _layer_weight_quant(
+                        spec, weight_bits.get(name, spec.weight_bits), module),
                     "bias_quant": Int32Bias if spec.bias == "int32" else None,
                     "return_quant_tensor": False}
     signed_act = {"act_quant": _act_quant(spec, spec.act_bits, True), "return_quant_tensor": True}
@@ -159,22 +154,31 @@ def _maps(spec: QuantSpec, first_last: set[int]):
 
 
 def _layer_key(module) -> tuple:
-    """Identify a compute layer by its shape (the only thing Brevitas's injector can see)."""
+    """A compute layer's type and weight shape."""
     w = getattr(module, "weight", None)
     return (type(module).__name__.replace("Quant", ""), tuple(w.shape) if w is not None else None)
 
 
-def _first_last(gm) -> set[tuple]:
-    """Shape keys of the first and last compute layers in graph order."""
-    compute = [gm.get_submodule(n.target) for n in gm.graph.nodes
-               if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (nn.Conv2d, nn.Conv1d, nn.Linear))]
-    if not compute:
+def _first_last(layers: list, by: str = "path") -> list[str]:
+    """Module paths of the first and last compute layers in graph order. ``by`` "shape" (runs
+    written before per-layer bits, QuantSpec.first_last_by): one whose type and weight shape a
+    hidden layer shares is left out, as Brevitas's injector, which sees only shapes, did then."""
+    if not layers:
         raise EdgekdError("the model has no Conv or Linear layer to quantize", "choose another --student")
-    keys = [_layer_key(compute[0]), _layer_key(compute[-1])]
-    if len(compute) > 2:
-        middle = {_layer_key(m) for m in compute[1:-1]}
-        keys = [k for k in keys if k not in middle]  # never raise a hidden layer's bits by accident
-    return set(keys)
+    ends = [layers[0], layers[-1]]
+    if len(layers) > 2 and by == "shape":
+        middle = {_layer_key(m) for _, m in layers[1:-1]}
+        ends = [(p, m) for p, m in ends if _layer_key(m) not in middle]  # never raise a hidden layer's bits
+    return [p for p, _ in ends]
+
+
+def layer_weight_bits(gm, spec: QuantSpec) -> dict[str, dict]:
+    """Per compute layer path of traced ``gm``: its weight bits and the act bits asked for its input
+    (the first/last-layer bits of ``spec``, then its layer_bits rules)."""
+    layers = layerbits.compute_layers(gm)
+    ends = _first_last(layers, spec.first_last_by) if spec.first_last_bits != SAME else []
+    return layerbits.resolve(layers, spec.layer_bits, spec.weight_bits,
+                             {p: spec.first_last_weight_bits for p in ends})
 
 
 def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
@@ -191,8 +195,8 @@ def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
     gm = trace(copy.deepcopy(model))
     gm = preprocess_for_quantize(gm, trace_model=False, merge_bn=True)
     _float_methods(gm)
-    first_last = _first_last(gm) if spec.first_last_bits != SAME else set()
-    compute, acts, identity = _maps(spec, first_last)
+    resolved = layer_weight_bits(gm, spec)
+    compute, acts, identity = _maps(spec, {p: r["weight"] for p, r in resolved.items()})
     input_quant = (identity["signed"][0], {**identity["signed"][1],
                                            "act_quant": _act_quant(spec, spec.input_bits, True)})
     unsigned = (nn.ReLU, nn.ReLU6) if spec.act_after_relu == "unsigned" else ()
@@ -212,12 +216,15 @@ def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
             from brevitas.graph.quantize import DisableLastReturnQuantTensor
 
             gm = DisableLastReturnQuantTensor().apply(gm)
-            mobile.rewrite(gm, spec, lambda bits, signed, pct: _act_quant(spec, bits, signed, pct))
+            make_act = lambda bits, signed, pct: _act_quant(spec, bits, signed, pct)  # noqa: E731
+            mobile.rewrite(gm, spec, make_act)
             _drop_logits_quant(gm)
+            orphans = layerbits.apply_act_bits(gm, {p: r["act"] for p, r in resolved.items()}, make_act)
     finally:
         config.IGNORE_MISSING_KEYS = ignore
     gm.train(was_training)
     gm.edgekd_spec = spec  # read by export (qdq: which integer type activations are stored in)
+    gm.edgekd_act_orphans = orphans  # layers whose asked act bits no single quantizer could take
     return gm
 
 

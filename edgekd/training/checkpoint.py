@@ -5,8 +5,9 @@ A run's training state lives next to its run directory, in ``runs/NAME.partial/`
 the scheme runs them (``phase-01.pt`` the float KD phase, ``phase-02.pt`` the QAT phase, more for
 born-again generations, assistants and progressive stages). A phase file holds everything the
 loop needs to continue bit for bit: model (quantizer scales included), peers, the objective's
-learned adapters, optimizer, scheduler, the data-order generator and torch's RNG, the epoch and
-step, the epoch's sample order, the running sums, the best state so far and the history. It is
+learned adapters, optimizer, scheduler, the data-order generator and the RNGs (torch's CPU and
+CUDA ones, Python's, NumPy's: ``rng_state``), the epoch and step, the epoch's sample order, the
+running sums, the best state so far and the history. It is
 written at the end of every epoch, when a phase finishes (``done``), and on SIGINT/SIGTERM
 (mid-epoch), always to a temporary file renamed into place, and loads with
 ``torch.load(weights_only=True)``: tensors and plain containers only.
@@ -32,6 +33,7 @@ from typing import Callable
 import torch
 
 from . import distributed as dd
+from ..core import interrupts
 from ..core.errors import CheckpointError, ConfigError, EdgekdError, MissingFileError
 from ..core.fsutil import atomic_path, remove, write_json
 
@@ -95,6 +97,57 @@ class PhaseCheckpoint:
             with atomic_path(self.path) as tmp:
                 torch.save({"format": FORMAT, "label": self.label, **state}, tmp)
         dd.barrier()
+
+
+def _cuda() -> bool:
+    """Whether there are CUDA RNGs to save and restore."""
+    return torch.cuda.is_available()
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    """Every random state training draws from: the phase's data-order generator, torch's CPU RNG, the
+    CUDA RNG of every device (when CUDA is available; under torchrun also each rank's own GPU's, as
+    rank 0 alone writes), Python's and NumPy's global RNGs. Tensors and plain values only."""
+    import random
+
+    import numpy as np
+
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "gen": gen.get_state(),
+             "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if _cuda():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+        if dd.world() > 1:
+            own = torch.cuda.get_rng_state(torch.cuda.current_device())
+            state["cuda_ranks"] = list(dd.gather_rows(own.unsqueeze(0), dd.world()))
+    return state
+
+
+def restore_rng(state: dict, gen: torch.Generator) -> None:
+    """Put back what ``rng_state`` saved (a checkpoint without an entry leaves that RNG as it is; CUDA
+    states are restored for the devices this machine has)."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    if "numpy" in state:
+        npy = state["numpy"]
+        np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["cached"]))
+    if "cuda" in state and _cuda():
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+        ranks = state.get("cuda_ranks")
+        if ranks is not None and dd.world() > 1 and len(ranks) == dd.world():
+            torch.cuda.set_rng_state(ranks[dd.rank()], torch.cuda.current_device())
 
 
 class RunCheckpoints:
@@ -172,6 +225,7 @@ class StopSignals:
 
     def _handler(self, signum, _frame) -> None:
         self.received = self.received or signal.Signals(signum).name
+        interrupts.note(signal.Signals(signum).name)  # the command's exit status: 128 + the signal's number
 
     def __enter__(self) -> "StopSignals":
         if self.active and threading.current_thread() is threading.main_thread():

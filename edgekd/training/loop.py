@@ -6,9 +6,8 @@ training steps followed by validation, and return the best state. The parts are 
 ``Phase``; multi-process training (edgekd.training.distributed), mixed precision, the NaN stop,
 SIGINT/SIGTERM and checkpoints (edgekd.training.checkpoint) each live in one of them.
 
-Data is held in memory as tensors and batched by a seeded permutation (fast on small images, and
-the same order on every machine for a given seed). Each epoch ends with validation; the state
-with the best validation accuracy is kept.
+Batches follow a seeded permutation (the same order on every machine for a seed); each epoch ends
+with validation, and the state with the best validation accuracy is kept.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from ..kd.features import LOGITS, Feats, FeatureHooks, Probe
 from ..kd.teachers import Teachers
 from . import distributed as dd
 from .cache import TeacherCache, teacher_cache
-from .checkpoint import Interrupted, StopSignals
+from .checkpoint import Interrupted, StopSignals, restore_rng, rng_state
 from .batches import LoaderBatches, batches_for
 from .evaluate import accuracy
 
@@ -118,7 +117,7 @@ class Phase:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.device = torch.device(cfg.device)
+        self.device = dd.resolve_device(cfg.device)
         train = self.data.train
         self.batches = batches_for(train, cfg.batch_size, cfg.flip, cfg.seed, getattr(train, "workers", 0))
         self.steps = self.batches.steps
@@ -172,8 +171,7 @@ class Phase:
     def _restore_state(self, saved: dict) -> None:
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        self.gen.set_state(saved["rng"]["gen"])
+        restore_rng(saved["rng"], self.gen)
         self.state = State(**{k: saved[k] for k in ("epoch", "step", "order", "sums", "best", "best_state", "history",
                                                       "elapsed", "done")})
         if self.state.done:
@@ -185,7 +183,7 @@ class Phase:
         """What is active while steps run: feature hooks, SIGINT/SIGTERM handling (with a
         checkpoint; without one Ctrl-C stops at once), the DDP wrapper and autocast."""
         stack = ExitStack()
-        self.step_module, self.train_module = _step_modules(self.model, self.peers, self.loss_fn, self.device)
+        self.step_module, self.train_module = _step_modules(self.model, self.peers, self.loss_fn, self.device, stack)
         self.step_module.s_hooks = stack.enter_context(
             FeatureHooks(self.model, getattr(self.loss_fn, "student_layers", ()), "student"))
         self.t_hooks = stack.enter_context(FeatureHooks(self.teacher if not self.cache else None,
@@ -299,7 +297,7 @@ class Phase:
             "model": self.model.state_dict(), "quantizers": runtime_state(self.model),
             "peers": [p.state_dict() for p in self.peers], "objective": objective,
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state()},
+            "rng": rng_state(self.gen),
             "best": st.best, "best_state": st.best_state, "history": st.history,
             "elapsed": st.elapsed + time.perf_counter() - self.start})
 
@@ -377,20 +375,23 @@ class _Step(nn.Module):
         loss, parts = compute_loss(self.loss_fn, logits, t_logits, yb, feats)
         if self.peers:
             loss = loss + mutual_loss(peer_logits, logits, yb)
-        return loss, loss * weight, logits, parts
+        parts = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in (parts or {}).items()}  # DDP: 1 graph
+        return loss.detach(), loss * weight, logits.detach(), parts
 
 
-def _step_modules(model, peers, loss_fn, device: torch.device):
-    """The step module, and what the loop calls: the same module, or it wrapped in DDP under torchrun."""
+def _step_modules(model, peers, loss_fn, device: torch.device, stack: ExitStack):
+    """The step module, and what the loop calls: the same module, or it wrapped in DDP under torchrun.
+    On CUDA the batch norms sync across ranks while ``stack`` is open; it puts the BatchNorms back."""
     step_module = _Step(model, peers, loss_fn)
     if dd.world() == 1:
         return step_module, step_module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if device.type == "cuda":
-        step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
-    # Brevitas adds 0 * scale while it collects statistics, so every parameter gets a gradient.
-    return step_module, DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    if dd.sync_batchnorm(device):
+        stack.enter_context(dd.synced_batchnorm(step_module))
+    # fsp's first stage leaves the classifier without a gradient: a static graph finds unused parameters once.
+    return step_module, DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                            static_graph=True)
 
 
 def set_threads() -> None:

@@ -7,8 +7,7 @@ for ``float_epochs`` (order ``float-first``), then QAT with the same objective (
 
 - ``offline``     (default) a fixed, pre-trained teacher (one, or several averaged: ``Ensemble``).
 - ``born-again``  Furlanello et al. 2018: generation k is taught by generation k-1's student.
-- ``dml``         Zhang et al. 2018, deep mutual learning: float peers trained with the student, each learning
-                  from every other network (CE + one KL at T=1 per other network, summed); no teacher.
+- ``dml``         Zhang et al. 2018, deep mutual learning: float peers learn with the student (no teacher).
 - ``assistant``   Mirzadeh et al. 2020, teacher assistants: teacher -> assistant(s) -> student,
                   every link trained with the run's method.
 - ``progressive`` a bit schedule (e.g. 8 -> 4 -> 2): each stage starts from the previous
@@ -144,14 +143,12 @@ def resolve_order(order: str | None, float_epochs: int) -> str:
         return "float-first" if float_epochs else "joint"
     if order not in ORDERS:
         from ..core.registry import unknown
-
         raise unknown("order", order, ORDERS)
     return order
 
 
 def _fit_cfg(run: Run, epochs: int, lr: float, seed: int, desc: str, quantized: bool = False):
     from .loop import FitConfig
-
     o = run.opts
     return FitConfig(epochs=epochs, lr=lr, batch_size=o.batch_size, seed=seed, flip=run.data.flip_augment,
                      progress=o.progress, desc=desc, log=run.log, device=o.device,
@@ -168,9 +165,8 @@ def _epoch_logger(run: Run, label: str, phase: str):
 
 
 def prepare(run: Run, objective, student: nn.Module, teacher: nn.Module | None):
-    """Resolve the objective's layers on this student/teacher pair; return the teacher as the loop runs
-    it (for_distillation) and the teacher cache (shared by every phase of this student: same teacher,
-    same training inputs), or False for none."""
+    """Resolve the objective's layers on this student/teacher pair; return the teacher as the loop runs it
+    (for_distillation) and the teacher cache (shared by this student's phases), or False for none."""
     from ..kd.features import Probe
     from .batches import batches_for
     from .cache import teacher_cache
@@ -260,12 +256,16 @@ def two_phase(run: Run, student: nn.Module, teacher: nn.Module | None, spec, *, 
 
 
 def _qat_temperature(objective, temperature: float | None, log) -> None:
-    """Hinton's temperature for the QAT phase (config.options.qat_temperature), logged when it changes."""
-    from ..kd.response import HintonKD
-    for _, _, term in objective.terms if temperature is not None else ():
-        if isinstance(term, HintonKD) and term.temperature != temperature:
-            log(f"QAT: KD temperature {temperature:g} (float phase {term.temperature:g}; --qat-temperature sets it)")
-            term.temperature = temperature
+    """The QAT phase's KD temperature (config.options.qat_temperature) for hinton and kd terms, logged."""
+    from ..kd.response import HintonKD, SoftTargets
+    if temperature is None:
+        return
+    terms = [t for _, _, t in objective.terms if isinstance(t, (HintonKD, SoftTargets))]
+    if not terms:
+        log(f"warning: --qat-temperature {temperature:g} is ignored: the objective has no hinton or kd term")
+    for term in (t for t in terms if t.temperature != temperature):
+        log(f"QAT: KD temperature {temperature:g} (float phase {term.temperature:g}; --qat-temperature sets it)")
+        term.temperature = temperature
 
 
 def _copy_weights(src: nn.Module, dst: nn.Module) -> None:

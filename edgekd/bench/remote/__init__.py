@@ -10,10 +10,15 @@ agents, hardware keys and known_hosts work as in a terminal, and nothing is adde
 2. ``probe``: removes temporary upload folders of runs that died (a folder whose lock no live
    process holds), reports free space and which files the device already has. Bundles live under
    ``<dir>/bundles/<sha256 of manifest.json>/<bundle folder>/``; one whose files no longer match
-   its manifest is deleted and sent again. ``<dir>`` is ``~/.cache/edgekd`` by default.
+   its manifest is deleted and sent again. ``<dir>`` is ``~/.cache/edgekd`` by default. edgekd
+   deletes only what it wrote, so ``<dir>`` must be edgekd's own: probe creates it (mode 0700)
+   or takes it when empty, and marks it with ``.edgekd-dir``; a folder holding other files, the
+   home or root folder, or a symbolic link (as ``<dir>`` or anywhere inside it) is refused
+   (``upload`` stage), and ``--remote-dir`` values such as '', '~', '/' or '/tmp' are refused here.
 3. ``receive``: what is missing (bundles, the edgekd wheel, a profile file, wheelhouse files)
    goes as one tar stream into ``<dir>/incoming/<tmp>/``, is checked (sizes, sha256, the bundle's
-   own hashes) and only then renamed into place. An interrupted upload leaves no partial copy
+   own hashes) and only then renamed into place. Only regular files travel (a bundle holding a
+   symbolic link is refused here), each with at most its permission bits here. An interrupted upload leaves no partial copy
    anywhere else, and the next run deletes the temporary folder.
 4. ``run``: prepares ``<dir>/<version>/venv`` once (``python -m venv``, then ``pip install`` of the
    wheel's ``device`` extra plus the extras of the bundles' backends, then the wheel with
@@ -26,7 +31,9 @@ agents, hardware keys and known_hosts work as in a terminal, and nothing is adde
 The remote steps are a small stdlib-only Python program (``agent_base``, ``agent_clocks``,
 ``agent``, joined) sent with each command, so the device needs nothing but Python, a POSIX shell
 and SSH. While it runs it watches its stdin: when the connection closes (Ctrl-C here, a dropped
-link) it stops the benchmark or pip, restores clocks and cleans up instead of running on.
+link) it stops the benchmark or pip, restores clocks and cleans up instead of running on. Each
+call runs there as its own process group; the Python check and the probe have a time limit
+(``RemoteOptions.step_timeout``), after which that group is ended there, not only ssh here.
 
 ``bench_remote`` returns the device's bench rows (the ``bench --json`` contract) with ``host``,
 ``remote_path`` and ``stage`` added (``stage`` is None unless the row is an error of this

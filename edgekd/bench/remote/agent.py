@@ -1,7 +1,9 @@
 """Device side, part 3 of 3: the commands ``probe``, ``receive`` and ``run``, and ``main``.
 
-``probe`` removes upload folders of dead runs, checks what the device already has (a damaged copy
-is deleted and sent again) and reports free space. ``receive`` unpacks one tar stream into a
+``probe`` claims the remote dir (agent_base.claim_root: made, or found empty, or edgekd's own by
+its mark; never a link or a folder holding other files), removes upload folders of dead runs,
+checks what the device already has (a damaged copy is deleted and sent again) and reports free
+space. No step follows a symbolic link inside the remote dir (agent_base.under). ``receive`` unpacks one tar stream into a
 temporary folder under ``incoming/``, checks it, and only then renames each item into place.
 ``run`` prepares the venv once (stamp written last), applies clocks with ``--set-clocks``, runs
 ``edgekd bench --json`` there and answers with its rows. See agent_base for how the parts run.
@@ -14,24 +16,29 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
 
 if __package__:  # imported as part of edgekd; on the device the parts share one namespace
-    from .agent_base import Child, Failure, Lock, check, emit, free_bytes, item_ok, remove, root_of, say
+    from .agent_base import (Child, Failure, Lock, check, claim_root, emit, free_bytes, item_ok, on_term, owned_root,
+                             remove, say, under)
     from .agent_clocks import restore_clocks, set_clocks
 
 
 def clean_incoming(root):
-    """Remove upload folders whose lock no live process holds (their run died). Caller holds the
-    global lock, under which receive creates a folder and its lock together."""
-    incoming = os.path.join(root, "incoming")
+    """Remove upload folders (``up-*``, real folders, not links) whose lock no live process holds
+    (their run died). Caller holds the global lock, under which receive creates a folder and its
+    lock together."""
+    incoming = under(root, "incoming")
     removed = []
     for name in sorted(os.listdir(incoming)) if os.path.isdir(incoming) else []:
         path = os.path.join(incoming, name)
+        if not name.startswith("up-") or os.path.islink(path) or not os.path.isdir(path):
+            continue  # not an upload folder edgekd made
         try:
-            fd = os.open(os.path.join(path, ".lock"), os.O_RDWR)
+            fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
             fd = None
         if fd is not None:
@@ -48,7 +55,7 @@ def clean_incoming(root):
 
 
 def venv_dir(root, a):
-    return os.path.join(root, a["version"], "venv-system-site" if a["system_site"] else "venv")
+    return under(root, a["version"] + ("/venv-system-site" if a["system_site"] else "/venv"))
 
 
 def read_stamp(venv):
@@ -60,47 +67,42 @@ def read_stamp(venv):
 
 
 def cmd_probe(a):
-    root = root_of(a)
-    os.makedirs(root, exist_ok=True)
+    root = claim_root(a)
     present = []
     with Lock(os.path.join(root, ".lock")):
         cleaned = clean_incoming(root)
         for item in a["items"]:
+            path = under(root, item["path"])
             if item_ok(root, item):
                 present.append(item["path"])
             else:
-                remove(os.path.join(root, item["path"]))  # damaged or partial: sent again
+                remove(path)  # damaged or partial: sent again
     emit({"ok": True, "root": root, "free": free_bytes(root), "present": present, "cleaned": cleaned,
           "env_ready": read_stamp(venv_dir(root, a)) is not None, "machine": platform.machine(),
           "python": platform.python_version()})
 
 
-def safe_parts(name):
-    parts = name.split("/")
-    if name.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise Failure("upload", "refusing an unsafe path in the upload: %r" % name)
-    return parts
-
-
 def unpack(stream, dest):
+    """Regular files only, each new (no link followed), with at most its mode here: read and write
+    bits only (never wider than the file it came from, and umask applies)."""
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
-                parts = safe_parts(member.name)
+                target = under(dest, member.name)
                 if not member.isfile():
                     continue
-                target = os.path.join(dest, *parts)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 source = tar.extractfile(member)
-                with open(target, "wb") as f:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, member.mode & 0o666)
+                with os.fdopen(fd, "wb") as f:
                     shutil.copyfileobj(source, f, 1 << 20)
     except (tarfile.TarError, EOFError) as e:
         raise Failure("interrupted", "the upload ended early (%s)" % e)
 
 
 def cmd_receive(a):
-    root = root_of(a)
-    incoming = os.path.join(root, "incoming")
+    root = owned_root(a)
+    incoming = under(root, "incoming")
     with Lock(os.path.join(root, ".lock")):
         os.makedirs(incoming, exist_ok=True)
         work = tempfile.mkdtemp(prefix="up-", dir=incoming)
@@ -114,7 +116,7 @@ def cmd_receive(a):
                 raise Failure("upload", "%s arrived incomplete or damaged" % item["path"])
         with Lock(os.path.join(root, ".lock")):
             for item in a["items"]:
-                target = os.path.join(root, item["path"])
+                target = under(root, item["path"])
                 if item_ok(root, item):
                     continue  # another run put the same thing there meanwhile
                 remove(target)
@@ -141,7 +143,7 @@ def _fresh_venv(venv, want, a, child):
 def _install(root, a, python, stamp, stamp_path, child):
     pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
     if a["wheelhouse"]:
-        pip += ["--no-index", "--find-links", os.path.join(root, "wheelhouse")]
+        pip += ["--no-index", "--find-links", under(root, "wheelhouse")]
     missing = [r for r in a["requirements"] if r not in stamp["requirements"]]
     if missing or stamp["wheel"] != a["wheel_key"]:
         remove(stamp_path)
@@ -151,14 +153,14 @@ def _install(root, a, python, stamp, stamp_path, child):
         check(rc, tail, "runtime", "pip install " + " ".join(r.split(";")[0] for r in missing))
         stamp["requirements"] = sorted(set(stamp["requirements"]) | set(missing))
     if stamp["wheel"] != a["wheel_key"]:
-        rc, tail = child.run(pip + ["--no-deps", "--force-reinstall", os.path.join(root, a["wheel"])])
+        rc, tail = child.run(pip + ["--no-deps", "--force-reinstall", under(root, a["wheel"])])
         check(rc, tail, "runtime", "pip install of the edgekd wheel")
         stamp["wheel"] = a["wheel_key"]
 
 
 def prepare(root, a, child):
     """The venv, made once: stamp written last, removed before any change; no stamp = start over."""
-    folder = os.path.join(root, a["version"])
+    folder = under(root, a["version"])
     os.makedirs(folder, exist_ok=True)
     venv = venv_dir(root, a)
     python = os.path.join(venv, "bin", "python")
@@ -180,15 +182,15 @@ def prepare(root, a, child):
 
 
 def cmd_run(a):
-    root = root_of(a)
+    root = owned_root(a)
     child = Child(watch=True)
     python = prepare(root, a, child)
     report, undo = set_clocks(a["clocks"], child, a.get("sysfs", "/sys")) if a.get("clocks") else (None, [])
     out = os.path.join(tempfile.mkdtemp(prefix="rows-", dir=root), "rows.json")  # bench makes the file
     try:
-        argv = [python, "-m", "edgekd", "bench"] + [os.path.join(root, b) for b in a["bundles"]]
+        argv = [python, "-m", "edgekd", "bench"] + [under(root, b) for b in a["bundles"]]
         if a.get("profile"):
-            argv += ["--profile", os.path.join(root, a["profile"])]
+            argv += ["--profile", under(root, a["profile"])]
         argv += ["--json", out] + a["bench_args"]
         rc, tail = child.run(argv, merge=False, cwd=root, quiet=out)  # not bench's "wrote <our temp file>"
         rows = None
@@ -210,6 +212,7 @@ def cmd_run(a):
 def main():
     command, args = sys.argv[2], json.loads(base64.b64decode(sys.argv[3]))
     stage = {"probe": "upload", "receive": "upload", "run": "bench"}[command]
+    signal.signal(signal.SIGTERM, on_term)
     try:
         {"probe": cmd_probe, "receive": cmd_receive, "run": cmd_run}[command](args)
     except Failure as f:

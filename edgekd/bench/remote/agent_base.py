@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -50,7 +51,7 @@ class Lock:
         self.path = path
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
@@ -58,8 +59,86 @@ class Lock:
         os.close(self.fd)
 
 
+ROOT_MARK = ".edgekd-dir"  # written first in a folder edgekd made (or found empty): the folder is edgekd's
+# what an edgekd folder held before ROOT_MARK existed (such a folder is adopted), and what edgekd
+# used on this machine itself keeps in ~/.cache/edgekd (its wheel and decoded image caches)
+OLD_LAYOUT = (".lock", "incoming", "bundles", "wheels", "profiles", "wheelhouse", "images")
+LOCAL_LAYOUT = ("wheels", "images")
+LINK_HINT = "edgekd does not follow links in its folder: remove the link, or pass the real folder with --remote-dir"
+
+
 def root_of(a):
     return os.path.abspath(os.path.expanduser(a["dir"]))
+
+
+def _is_file(path):
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _old_layout(root, names):
+    """An edgekd folder from before ROOT_MARK (its lock and its own names only), or the local caches
+    of an edgekd run on this machine (only LOCAL_LAYOUT: nothing there that edgekd would delete)."""
+    if all(n in LOCAL_LAYOUT for n in names):
+        return True
+    known = all(n in OLD_LAYOUT or n.startswith("rows-") or n[:1].isdigit() for n in names)
+    return known and _is_file(os.path.join(root, ".lock"))
+
+
+def claim_root(a):
+    """The remote dir, made (mode 0700) or adopted: refused when it is a link, the home folder, or a
+    folder that holds files edgekd did not write (edgekd deletes what it wrote there)."""
+    root = root_of(a)
+    if os.path.islink(root):
+        raise Failure("upload", "the remote dir %s is a symbolic link" % root, LINK_HINT)
+    if root in ("/", os.path.abspath(os.path.expanduser("~"))):
+        raise Failure("upload", "the remote dir %s is %s" % (root, "the root folder" if root == "/" else "the home folder"),
+                      "pass a folder of edgekd's own with --remote-dir")
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(root):
+            raise Failure("upload", "the remote dir %s is not a folder" % root, "pass another --remote-dir")
+    names = os.listdir(root)
+    if ROOT_MARK in names:
+        if not _is_file(os.path.join(root, ROOT_MARK)):
+            raise Failure("upload", "%s is not a file edgekd wrote" % os.path.join(root, ROOT_MARK), LINK_HINT)
+        return root
+    if names and not _old_layout(root, names):
+        raise Failure("upload", "the remote dir %s holds files edgekd did not write (%s)"
+                      % (root, ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")),
+                      "edgekd deletes what it wrote there: pass a new or empty folder with --remote-dir, "
+                      "e.g. %s/edgekd" % a["dir"].rstrip("/"))
+    try:
+        os.close(os.open(os.path.join(root, ROOT_MARK), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        pass  # another run claimed it at the same time
+    return root
+
+
+def owned_root(a):
+    """The remote dir that probe claimed (receive and run work only there)."""
+    root = root_of(a)
+    if os.path.islink(root) or not _is_file(os.path.join(root, ROOT_MARK)):
+        raise Failure("upload", "the remote dir %s is not edgekd's (no %s in it)" % (root, ROOT_MARK),
+                      "run again: the first step claims a new or empty folder")
+    return root
+
+
+def under(root, rel):
+    """``root/rel``; a symbolic link on the way is refused (never followed, never deleted)."""
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise Failure("upload", "refusing an unsafe path: %r" % rel)
+    path = root
+    for part in parts:
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise Failure("upload", "%s is a symbolic link" % path, LINK_HINT)
+    return path
 
 
 def sha256(path):
@@ -151,7 +230,15 @@ class Child:
                 pass
 
     def run(self, argv, merge=True, cwd=None, input=None, quiet=None):
-        """(exit status, last lines of output); output is passed on to our stderr line by line."""
+        """(exit status, last lines of output); output is passed on to our stderr line by line.
+        Anything raised meanwhile (SIGTERM: see on_term) stops the child first."""
+        try:
+            return self._run(argv, merge, cwd, input, quiet)
+        except BaseException:
+            self._stop()
+            raise
+
+    def _run(self, argv, merge, cwd, input, quiet):
         if self.hung:
             raise Failure("interrupted", "the connection closed")
         tail = deque(maxlen=40)
@@ -181,3 +268,10 @@ class Child:
         if self.hung:
             raise Failure("interrupted", "the connection closed")
         return rc, list(tail)
+
+
+def on_term(signum, frame):
+    """SIGTERM (edgekd here stops a step that ran past its time): unwind, so that children stop,
+    clocks are restored and temporary folders go."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Failure("interrupted", "stopped by edgekd: the step ran past its time")

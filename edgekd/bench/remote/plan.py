@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,12 +80,25 @@ def clock_settings(profile) -> dict:
 
 
 def bundle_files(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    """The bundle's files to ship (dot-files left out). A symbolic link inside is refused: its
+    target's contents would be shipped, and arrive with another file's mode."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):  # links to folders are listed, not entered
+        base = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in dirnames + sorted(n for n in filenames if not n.startswith(".")):
+            if (base / name).is_symlink():
+                raise ConfigError(f"bundle {folder} holds a symbolic link: {base / name} -> "
+                                  f"{os.readlink(base / name)}",
+                                  "bench --host ships regular files only: replace the link by a copy of its target")
+            if name in filenames and (base / name).is_file():
+                found.append(base / name)
+    return sorted(found)
 
 
 def _bundle_ref(path: Path) -> BundleRef:
     path = Path(path)
+    bundle_files(path)  # no links inside (an EdgekdError for the whole run: nothing is sent)
     try:
         manifest = read_manifest(path)
         verify_files(path, manifest)  # a bundle modified after export fails here, as bench says it would
@@ -181,12 +195,29 @@ def make_plan(bundles: Sequence[Path], profile, options: RemoteOptions, cache: P
                 bench_args(options.overrides), clock_settings(profile) if options.set_clocks else None, backends)
 
 
+def _add_file(tar: tarfile.TarFile, path: Path, arcname: str, follow: bool) -> None:
+    """One regular file, with its own permission bits (the device never widens them), no owner names."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (0 if follow else os.O_NOFOLLOW))
+    except OSError as e:
+        raise MissingFileError(f"cannot read {path} to upload it: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path} is not a regular file", "bench --host ships regular files only")
+        info = tarfile.TarInfo(arcname)
+        info.size, info.mode, info.mtime = st.st_size, stat.S_IMODE(st.st_mode), int(st.st_mtime)
+        tar.addfile(info, f)
+
+
 def write_upload(stream, items: Sequence[Item]) -> None:
-    """One tar stream of ``items`` (bundle folders file by file), names relative to the remote dir."""
-    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT, dereference=True) as tar:
+    """One tar stream of ``items`` (bundle folders file by file), names relative to the remote dir.
+    Bundle files are never read through a link; the wheel, profile and wheelhouse files, named
+    here by the user or edgekd, may be links."""
+    with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for item in items:
             if item.kind == "bundle":
                 for path in bundle_files(item.source):
-                    tar.add(path, arcname=f"{item.path}/{path.relative_to(item.source).as_posix()}", recursive=False)
+                    _add_file(tar, path, f"{item.path}/{path.relative_to(item.source).as_posix()}", follow=False)
             else:
-                tar.add(item.source, arcname=item.path, recursive=False)
+                _add_file(tar, item.source, item.path, follow=True)

@@ -21,7 +21,8 @@ from ...core.errors import ConfigError, EdgekdError, MissingFileError
 from . import plan as planning
 from .plan import Plan
 from .rows import error_row, host_rows, warnings
-from .ssh import Connection, Failure, Host, Interrupted, RemoteOptions, last_line, parse_host, remote_path_expr
+from .ssh import (Connection, Failure, Host, Interrupted, RemoteOptions, check_remote_dir, last_line, parse_host,
+                  remote_path_expr)
 
 ENV_BYTES = 400_000_000  # what a fresh venv with numpy, onnxruntime and pip's cache takes, roughly
 SPACE_MARGIN = 20_000_000
@@ -66,7 +67,8 @@ class _HostRun:
         self.doing = "connecting"
         self.log(f"{self.host.label}: connecting")
         o, label = self.options, self.host.label
-        result = self.conn.call(f"{self.python} --version", self.doing, timeout=o.connect_timeout + 60)
+        result = self.conn.call(f"{self.python} --version", self.doing,
+                                timeout=o.connect_timeout + min(60.0, o.step_timeout))
         match = re.search(r"Python (\d+)\.(\d+)(?:\.(\d+))?", result.out + "\n" + "\n".join(result.err))
         if match is None or result.rc != 0:
             raise Failure("python", f"no Python at {o.remote_python!r} on {label} "
@@ -83,7 +85,7 @@ class _HostRun:
         self.doing = "checking what the device has"
         label, items = self.host.label, self.plan.items
         probe = self.conn.agent(self.python, "probe", dict(self.common, items=[i.wire() for i in items]), self.doing,
-                                "upload", timeout=self.options.connect_timeout + 300)
+                                "upload", timeout=self.options.connect_timeout + self.options.step_timeout)
         self.facts["machine"] = probe.get("machine")
         if probe.get("cleaned"):
             self.log(f"{label}: removed {len(probe['cleaned'])} unfinished upload(s) of an earlier run")
@@ -140,6 +142,12 @@ class _HostRun:
 
 def _check_inputs(hosts: Sequence[str], bundles: Sequence[Path], options: RemoteOptions) -> list[Host]:
     targets = [parse_host(h) for h in hosts]
+    check_remote_dir(options.remote_dir)
+    if not isinstance(options.step_timeout, (int, float)) or not options.step_timeout > 0:
+        raise ConfigError(f"bad step timeout {options.step_timeout!r}", "a number of seconds above 0")
+    for flag, text in [("--remote-python", options.remote_python)] + [("--ssh-option", o) for o in options.ssh_options]:
+        if not text.strip() or any(not c.isprintable() for c in text):
+            raise ConfigError(f"bad {flag} {text!r}", "it must not be empty or hold control characters")
     if not targets:
         raise ConfigError("no host given", "pass --host [USER@]HOST[:PORT]")
     if not bundles:

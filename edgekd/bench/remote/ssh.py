@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import secrets
 import shlex
 import subprocess
 import threading
@@ -24,6 +26,7 @@ DEFAULT_REMOTE_DIR = "~/.cache/edgekd"
 MARK = "EDGEKD-RESULT "  # the agent's one answer line on stdout
 # the device program, in the order its parts run (they share one namespace there)
 AGENT_PARTS = ("agent_base.py", "agent_clocks.py", "agent.py")
+PID_MARK = "EDGEKD-PID "  # the first stderr line of every call: the process (group) id there
 _LOADER = 'import base64,sys;exec(compile(base64.b64decode(sys.argv[1]),"edgekd-agent","exec"))'
 
 
@@ -60,34 +63,45 @@ class Host:
     port: int | None = None
 
 
+def _show(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:60] + "...")
+
+
 def parse_host(text: str) -> Host:
     """``[USER@]HOST[:PORT]``, ``[USER@][IPV6]:PORT``, a bare IPv6 address or ``ssh://[USER@]HOST[:PORT]``.
     HOST may be a ``Host`` alias of ~/.ssh/config; USER and PORT, when given, override the config's."""
     label = text.strip()
     rest = label[len("ssh://"):] if label.startswith("ssh://") else label
     user = None
+    if any(not c.isprintable() for c in text):
+        raise ConfigError(f"bad host {_show(text)}: it holds a control character", "use [USER@]HOST[:PORT]")
     if "@" in rest:
         user, _, rest = rest.rpartition("@")
-        if not user:
-            raise ConfigError(f"bad host {text!r}: empty user name before '@'", "use [USER@]HOST[:PORT]")
+        if not user or user.startswith("-") or any(c.isspace() for c in user):
+            raise ConfigError(f"bad host {_show(text)}: bad user name before '@'", "use [USER@]HOST[:PORT]")
     port_text = None
     if rest.startswith("["):
         host, close, after = rest[1:].partition("]")
         if not close or (after and not after.startswith(":")):
-            raise ConfigError(f"bad host {text!r}", "write an IPv6 address with a port as [ADDRESS]:PORT")
+            raise ConfigError(f"bad host {_show(text)}", "write an IPv6 address with a port as [ADDRESS]:PORT")
         port_text = after[1:] if after else None
     elif rest.count(":") == 1:
         host, _, port_text = rest.partition(":")
     else:
         host = rest  # a name, or an IPv6 address without port
     if not host or host.startswith("-") or any(c.isspace() or c in "/'\"`$;&|<>" for c in host):
-        raise ConfigError(f"bad host {text!r}", "use [USER@]HOST[:PORT], e.g. pi@raspberrypi.local or orin:2222")
+        raise ConfigError(f"bad host {_show(text)}", "use [USER@]HOST[:PORT], e.g. pi@raspberrypi.local or orin:2222")
     port = None
     if port_text is not None:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ConfigError(f"bad port in host {text!r}", "a port is a number from 1 to 65535")
-        port = int(port_text)
+        port = parse_port(port_text, f"in host {_show(text)}")
     return Host(label, host, user or None, port)
+
+
+def parse_port(text: str, where: str = "") -> int:
+    """A TCP port written in ASCII digits, 1 to 65535 (``str.isdigit`` also takes '²' and '٢')."""
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 0 < int(text) < 65536:
+        raise ConfigError(f"bad port {_show(text)}" + (f" {where}" if where else ""), "a port is a number from 1 to 65535")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -102,7 +116,34 @@ class RemoteOptions:
     ssh_config: Path | None = None  # ssh -F FILE
     ssh_options: tuple[str, ...] = ()  # ssh -o KEY=VALUE, before edgekd's own (ssh keeps the first value)
     connect_timeout: int = 10  # seconds (ssh ConnectTimeout)
+    step_timeout: float = 300.0  # seconds the probe may take there (the Python check: at most 60); then it is killed
     overrides: dict = field(default_factory=dict)  # bench settings given on the command line
+
+
+def check_remote_dir(text: str) -> str:
+    """``--remote-dir``: a folder of edgekd's own on the device (it deletes what it wrote there), so
+    not empty, blank, '/', the login folder ('~', '.', '~user'), a top-level folder or one with '..'."""
+    def bad(why: str):
+        return ConfigError(f"--remote-dir {_show(text)} {why}",
+                           "pass a folder of edgekd's own, e.g. ~/.cache/edgekd (the default) or /data/edgekd")
+
+    if not text.strip():
+        raise bad("is empty")
+    if text != text.strip() or any(not c.isprintable() for c in text):
+        raise bad("starts or ends with blanks or holds a control character")
+    if "$" in text or "`" in text:
+        raise bad("is not expanded by a shell there (write ~/ for the home folder)")
+    home, rest = (text.partition("/")[0], text.partition("/")[2]) if text.startswith("~") else ("", text)
+    parts = [p for p in rest.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise bad("contains '..'")
+    if text.startswith("/") and not parts:
+        raise bad("is the root folder")
+    if not parts:
+        raise bad(f"is the login folder{f' of {home[1:]}' if home[1:] else ''}")
+    if text.startswith("/") and len(parts) < 2:
+        raise bad("is a top-level folder")
+    return text
 
 
 # --- the device program ----------------------------------------------------------------------------------
@@ -178,6 +219,11 @@ def _close(stream) -> None:
         pass
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+
+
 class Connection:
     """ssh to one host; every call after the first reuses its connection (ControlMaster)."""
 
@@ -186,6 +232,8 @@ class Connection:
         self.connected = False
         self.proc: subprocess.Popen | None = None  # the ssh process of the current call
         self.agent_b64 = base64.b64encode(agent_source().encode()).decode()
+        self.token = secrets.token_hex(8)  # marks the processes of this run there (EDGEKD_RUN)
+        self.remote_pid: int | None = None  # of the current call: session and group leader there
 
     def argv(self, *ssh_args: str) -> list[str]:
         o = self.options
@@ -208,6 +256,9 @@ class Connection:
         def read_err():
             for raw in iter(proc.stderr.readline, b""):
                 line = raw.decode(errors="replace").rstrip()
+                if line.startswith(PID_MARK) and self.remote_pid is None and line[len(PID_MARK):].isdigit():
+                    self.remote_pid = int(line[len(PID_MARK):])
+                    continue
                 tail.append(line)
                 if stream and line:
                     self.log(f"{self.host.label}: {line}")
@@ -217,12 +268,43 @@ class Connection:
             t.start()
         return readers
 
+    def wrapped(self, command: str) -> str:
+        """``command`` run by sh as the session leader there (sshd starts each session with setsid),
+        after telling its id and marking it with this run's token, so that ``stop_remote`` can
+        end it and its children. ``exec sh -c`` also keeps csh or fish login shells out of it."""
+        inner = f"echo {PID_MARK}$$ >&2; EDGEKD_RUN={self.token}; export EDGEKD_RUN; exec {command}"
+        return "exec sh -c " + shlex.quote(inner)
+
+    def stop_remote(self, pid: int | None) -> str:
+        """End the process group ``pid`` there (TERM, then KILL after 5 s) if it still carries this
+        run's token; what happened, for the message."""
+        if pid is None:
+            return "no process of it was seen there"
+        script = (f"p={pid}; if [ -r /proc/$p/environ ] && ! tr '\\0' '\\n' < /proc/$p/environ | "
+                  f"grep -qx EDGEKD_RUN={self.token}; then echo gone; exit 0; fi; "
+                  "kill -s TERM -- -$p 2>/dev/null || { echo gone; exit 0; }; "
+                  "i=0; while [ $i -lt 10 ] && kill -s 0 -- -$p 2>/dev/null; do sleep 0.5; i=$((i+1)); done; "
+                  "kill -s KILL -- -$p 2>/dev/null; echo stopped")
+        try:
+            done = subprocess.run(self.argv("--", self.host.host, "exec sh -c " + shlex.quote(script)),
+                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=self.options.connect_timeout + 15,
+                                  check=False)
+        except (OSError, subprocess.SubprocessError):
+            return f"its process there (group {pid}) could not be stopped"
+        said = done.stdout.decode(errors="replace").split()
+        if done.returncode != 0 or not said:
+            return f"its process there (group {pid}) could not be stopped"
+        return f"its process there (group {pid}) was stopped" if said[-1] == "stopped" else "it has ended there"
+
     def call(self, command: str, doing: str, upload: Callable[[Any], None] | None = None, stream: bool = False,
              keep_stdin: bool = False, timeout: float | None = None) -> Result:
         """Run ``command`` there. ``upload`` writes stdin; ``keep_stdin`` holds stdin open until the
-        command ends (the agent stops when it closes); ``stream`` logs stderr lines as they come."""
-        proc = self.proc = subprocess.Popen(self.argv("--", self.host.host, command), stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        command ends (the agent stops when it closes); ``stream`` logs stderr lines as they come.
+        After ``timeout`` seconds, or on Ctrl-C while nothing there watches stdin, the command is
+        ended there too (stop_remote), not only the ssh client here."""
+        self.remote_pid = None
+        proc = self.proc = subprocess.Popen(self.argv("--", self.host.host, self.wrapped(command)),
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out: list[bytes] = []
         tail: deque[str] = deque(maxlen=60)
         readers = self._readers(proc, out, tail, stream)
@@ -239,13 +321,20 @@ class Connection:
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise Failure("interrupted", f"{self.host.label} did not answer within {timeout:.0f} s while {doing}")
+                _kill(proc)
+                stopped = self.stop_remote(self.remote_pid)
+                raise Failure("interrupted", f"{self.host.label} did not answer within {timeout:.0f} s while {doing}; "
+                                             f"{stopped}", "check the device (a hung disk, or another edgekd run "
+                                                           "holding its folder) and run again") from None
+        except KeyboardInterrupt:
+            if proc.poll() is None:
+                _kill(proc)
+                if upload is None and not keep_stdin:  # else the agent there sees stdin close and stops
+                    self.stop_remote(self.remote_pid)
+            raise
         except BaseException:
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                _kill(proc)
             raise
         finally:
             _close(proc.stdin)

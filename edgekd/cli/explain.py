@@ -1,0 +1,89 @@
+"""``edgekd explain``: which layer of a quantized student breaks (per-layer SQNR, worst first)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from . import common as c
+from .app import main
+
+
+def _db(value, compared: bool = True, unit: str = "") -> str:
+    if not compared:
+        return "-"
+    return "exact" if value is None else f"{value:.1f}{unit}"
+
+
+def render(result: dict) -> list[str]:
+    """The table of ``explain``'s result, worst layer first, and a line on the logits."""
+    rows = result["layers"]
+    runtime = result["bundle_dir"] is not None and result["runtime_note"] is None
+    head = ["layer", "type", "W", "A", "logits dB", "layer dB", "weights dB", "inputs dB", "cumulative dB"] \
+        + (["runtime dB"] if runtime else [])
+    body = [[r["name"], r["type"], str(r["weight_bits"]), str(r["act_bits"] or "-"), _db(r["logits_db"]),
+             _db(r["isolated_db"]), _db(r["weights_db"]), _db(r["inputs_db"], r["act_bits"] is not None),
+             _db(r["cumulative_db"])] + ([_db(r.get("runtime_db"), r.get("runtime_compared", False))]
+                                         if runtime else []) for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = [f"{result['source']}: W{result['weight_bits']}A{result['act_bits']}"
+             + (f" with {', '.join(result['layer_bits'])}" if result["layer_bits"] else "")
+             + f", {result['samples']} test samples; SQNR vs the float student (higher is better), worst first"]
+    for row in [head, *body]:
+        lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    lg = result["logits"]
+    lines.append(f"logits: fake-quant vs float {_db(lg['sqnr_db'], unit=' dB')}, top-1 agreement "
+                 f"{lg['top1_agreement']:.4f}"
+                 + (f"; runtime vs fake-quant {_db(lg['runtime_sqnr_db'], unit=' dB')}" if "runtime_sqnr_db" in lg else ""))
+    lines.append("logits / layer: SQNR at the logits / at the layer's output with only that layer quantized (its "
+                 "weights and the activations it reads); weights / inputs: only one of them; cumulative: the whole "
+                 "model quantized" + ("; runtime: the runtime vs fake-quant at the layer's requantized output"
+                                      if runtime else ""))
+    if result["runtime_note"]:
+        lines.append(f"note: {result['runtime_note']}")
+    return lines
+
+
+@main.command("explain")
+@click.argument("source", required=False, type=click.Path(path_type=Path), metavar="[BUNDLE|RUN]")
+@click.option("--samples", default=500, show_default=True, type=int,
+              help="Test samples to measure on (a bundle's eval.npz, else a stratified sample of the test split).")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), metavar="DIR",
+              help="The run a bundle was exported from, when it is no longer where the manifest says.")
+@click.option("--student", metavar="ARCH", help="The student architecture, when the run's is module:callable.")
+@c.trust_code_opt
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@c.out_option("--png", "png_path", metavar="FILE.png",
+              help="Also plot the per-layer SQNR (needs: pip install 'edgekd[plot]').")
+@c.overwrite_opt
+@c.quiet_opt
+def explain_command(source, samples, run_dir, student, trust_code, as_json, png_path, overwrite, quiet):
+    """Which layer breaks: per Conv / Linear layer, the error quantization adds, worst first.
+
+    \b
+    Per layer, as SQNR in dB against the float student (the same weights, quantizers off):
+      logits      at the logits, only this layer quantized (its weights and the activations
+                  it reads): the ranking, worst first
+      layer       the same at the layer's output; weights / inputs: only one of the two
+      cumulative  the whole model quantized: the error that has reached this layer
+      runtime     (ONNX Runtime, QONNX bundles) the runtime against the fake-quant model at the
+                  layer's requantized output; 'exact' where they agree bit for bit
+    Then try more bits where it is worst, e.g. edgekd distill --layer-bits depthwise=W8A8.
+    """
+    from ..pipeline.explain import explain, plot
+
+    if png_path is not None:
+        from ..bench.report import check_outputs, check_plot_available
+
+        check_plot_available()
+        check_outputs([p for p in (source, run_dir) if p is not None], overwrite, png=png_path)
+    result = explain(source, samples, run_dir, student, trust_code, log=c.logger(quiet))
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        for line in render(result):
+            click.echo(line)
+    if png_path is not None:
+        click.echo(f"wrote {plot(result, png_path)}", err=True)

@@ -1,0 +1,185 @@
+"""Explain: which layer of a quantized student breaks, measured on real samples.
+
+For a run (its student, rebuilt) or a bundle (its run's student, the bundle's eval samples and its
+ONNX graph), per Conv / Linear layer: the SQNR between the float student and the fake-quant one
+with only that layer quantized (``logits_db`` at the logits, the ranking: worst first;
+``isolated_db`` at the layer's output, ``weights_db`` / ``inputs_db`` for its weights or inputs
+alone), with the whole model quantized (``cumulative_db``), and, for ONNX Runtime and QONNX bundles, between
+the fake-quant student and the runtime at the layer's requantized output (``runtime_db``; None where
+they agree exactly, ``runtime_levels_off`` the share of values on another integer level).
+See quant.sensitivity (the PyTorch side) and export.probe (the runtime side).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import EdgekdError, MissingFileError
+from .common import Log, quiet
+
+DEFAULT_SAMPLES = 500
+MIN_SAMPLES, MAX_SAMPLES = 1, 100_000
+
+
+def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, run_dir: str | Path | None = None,
+            student: str | None = None, trust_code: bool = False, log: Log = quiet) -> dict:
+    """Per-layer errors of the quantized student of ``source`` (a bundle or a run directory; default
+    the latest bundle, else the latest run), on at most ``samples`` test images. ``run_dir``: the
+    run a bundle was exported from, when it has moved. Returns a JSON-ready dict whose ``layers``
+    are sorted worst first (lowest isolated SQNR)."""
+    import torch
+
+    from ..quant import layerbits, sensitivity
+    from .distill import load_student
+
+    if isinstance(samples, bool) or not isinstance(samples, int) or not MIN_SAMPLES <= samples <= MAX_SAMPLES:
+        raise EdgekdError(f"--samples must be an integer between {MIN_SAMPLES} and {MAX_SAMPLES}, got {samples!r}")
+    bundle, manifest, run = _resolve(source, run_dir)
+    qmodel, meta = load_student(run, student, trust_code)
+    x = _samples(bundle, manifest, meta, samples)
+    log(f"explaining {bundle or run}: {len(x)} test samples, {len(layerbits.compute_nodes(qmodel))} layers")
+    rows, extra = sensitivity.layer_errors(qmodel, torch.from_numpy(x))
+    logits, note = dict(extra["logits"]), None
+    if bundle is not None:
+        runtime, note = _runtime(bundle, manifest, qmodel, x, log)
+        for r in rows:
+            r.update(_runtime_columns(extra["taps"].get(r["name"]), runtime.get(r["name"])))
+        if "logits" in runtime:
+            logits["runtime_sqnr_db"] = sensitivity.sqnr(extra["fake_logits"], runtime["logits"][0])
+    spec = qmodel.edgekd_spec
+    return {"source": str(bundle or run), "run_dir": str(run), "bundle_dir": str(bundle) if bundle else None,
+            "target": manifest.get("target") if manifest else None, "samples": int(len(x)),
+            "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "layer_bits": spec.layer_rules_text,
+            "logits": logits, "runtime_note": note, "layers": sensitivity.worst_first(rows)}
+
+
+def _resolve(source, run_dir) -> tuple[Path | None, dict | None, Path]:
+    """(bundle dir or None, its manifest, the run dir) of what ``explain`` was given."""
+    from ..bundle import read_manifest, resolve_bundles
+    from .distill import find_run
+
+    if source is None:
+        try:
+            source = resolve_bundles([])[0]
+        except MissingFileError:
+            return None, None, find_run(run_dir)
+    path = Path(source)
+    if not path.exists():
+        raise MissingFileError(f"no such bundle or run: {path}", "pass a directory written by 'edgekd export' or "
+                                                                  "'edgekd distill'")
+    if not (path / "manifest.json").is_file():
+        return None, None, find_run(path)
+    manifest = read_manifest(path)
+    if manifest.get("format") == "fp32" or not manifest.get("quant"):
+        raise EdgekdError(f"{path} is an fp32 bundle: nothing in it is quantized", "explain a quantized bundle or run")
+    recorded = manifest.get("run_dir")
+    run = Path(run_dir) if run_dir else Path(recorded) if isinstance(recorded, str) else None
+    if run is None or not (run / "student.pt").is_file():
+        raise MissingFileError(f"{path} was exported from run {recorded!r}, which is not there",
+                               "pass the run directory with --run DIR")
+    return path, manifest, find_run(run)
+
+
+def _samples(bundle, manifest, meta, n: int) -> np.ndarray:
+    """The first ``n`` of a bundle's eval samples, or a seeded stratified sample of a run's test split."""
+    if bundle is not None:
+        from ..bundle import load_eval
+
+        return np.ascontiguousarray(load_eval(bundle, manifest)[0][:n], dtype=np.float32)
+    from .evalset import eval_arrays, read_test_split
+
+    return eval_arrays(read_test_split(meta), n, meta["seed"])[0]
+
+
+def _layer_calls(gm) -> list[tuple[str, tuple]]:
+    """(path, weight shape) of every call of a Conv / Linear layer, in the order the student runs them."""
+    from torch import nn
+
+    calls = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                calls.append((node.target, tuple(m.weight.shape)))
+    return calls
+
+
+def _runtime(bundle: Path, manifest: dict, qmodel, x: np.ndarray, log: Log) -> tuple[dict, str | None]:
+    """The runtime's value at every layer's requantized output (and ``logits``), and a note when the
+    runtime side could not be measured."""
+    backend = manifest.get("backend")
+    if backend not in ("onnxruntime", "qonnx"):
+        return {}, f"runtime comparison is done for ONNX Runtime and QONNX bundles; this one is {backend}"
+    path = bundle / "model.onnx"
+    if not path.is_file():
+        return {}, f"{path} is missing: no graph to read layer outputs from"
+    import onnx
+
+    from ..export import probe
+
+    model = onnx.load(str(path))
+    try:
+        tapped = probe.taps(model, _layer_calls(qmodel))
+    except ValueError as e:
+        return {}, f"the graph's layers do not line up with the student's ({e})"
+    tapped["logits"] = probe.Tap(model.graph.output[0].name)
+    if backend == "qonnx":
+        values = probe.run_qonnx(path, tapped, x)
+    else:
+        values = probe.run_onnxruntime(model, tapped, x)
+    log(f"ran {path.name} through {backend} with {len(tapped) - 1} layer outputs read")
+    return {k: (v, lambda a, t=tapped[k]: probe.levels(model, t, a)) for k, v in values.items()}, None
+
+
+def _runtime_columns(fake, runtime) -> dict:
+    """``runtime_db`` (SQNR of the runtime's value against the fake-quant one, both on the tap's
+    integer grid; None: equal) and ``runtime_levels_off`` (share of values on another level)."""
+    from ..quant.sensitivity import sqnr
+
+    if fake is None or runtime is None:
+        return {"runtime_compared": False, "runtime_db": None, "runtime_levels_off": None}
+    value, to_levels = runtime
+    ours, theirs = to_levels(fake), to_levels(value)
+    if ours is None:
+        return {"runtime_compared": True, "runtime_db": sqnr(fake, value), "runtime_levels_off": None}
+    return {"runtime_compared": True, "runtime_db": sqnr(ours, theirs),
+            "runtime_levels_off": float(np.mean(ours != theirs))}
+
+
+def plot(result: dict, path) -> Path:
+    """A PNG of the SQNR per layer, worst at the top: at the logits with only the layer quantized
+    (bars), at the layer's output alone (open dots) and with the whole model quantized (dots)."""
+    from ..bench.report import check_plot_available
+    from ..core.fsutil import atomic_path
+
+    check_plot_available()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = result["layers"]
+    keys = ("logits_db", "isolated_db", "cumulative_db")
+    cap = max([r[k] for r in rows for k in keys if r.get(k) is not None] + [1.0]) + 5
+    fig = Figure(figsize=(7, 1.5 + 0.32 * len(rows)), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ys = list(range(len(rows)))[::-1]
+    colours = {"depthwise": "tab:red", "pointwise": "tab:blue", "conv": "tab:green", "linear": "tab:purple"}
+    value = lambda r, k: cap if r[k] is None else r[k]  # noqa: E731  (None: exact)
+    ax.barh(ys, [value(r, "logits_db") for r in rows], color=[colours.get(r["type"], "tab:gray") for r in rows],
+            alpha=0.8, label="logits, only this layer quantized")
+    ax.scatter([value(r, "isolated_db") for r in rows], ys, facecolors="none", edgecolors="black", s=18, zorder=3,
+               label="layer output, only this layer quantized")
+    ax.scatter([value(r, "cumulative_db") for r in rows], ys, color="black", s=14, zorder=3,
+               label="layer output, whole model quantized")
+    ax.set_yticks(ys, [f"{r['name']} ({r['type']}, W{r['weight_bits']}A{r['act_bits'] or '-'})" for r in rows],
+                  fontsize="small")
+    ax.set_xlabel("SQNR vs the float student (dB, higher is better)")
+    ax.set_title(f"edgekd explain: {Path(result['source']).name}, W{result['weight_bits']}A{result['act_bits']}"
+                 + (f" + {', '.join(result['layer_bits'])}" if result["layer_bits"] else ""), fontsize="medium")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": "edgekd (matplotlib)"})
+    return Path(path)

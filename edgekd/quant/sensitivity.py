@@ -1,0 +1,155 @@
+"""Where a quantized student loses accuracy: per Conv / Linear layer, the error between the float
+and the fake-quant model, measured on real samples (``edgekd explain``).
+
+The float reference is the quantized model itself with every quantizer off (same weights, batch
+norms merged), so that only quantization differs, not training. Per layer, as SQNR in dB
+(10 log10 of signal over error power, higher is better):
+
+- ``logits_db``: at the logits, with only this layer quantized (its weights and the activations it
+  reads), the rest in float: what this layer alone does to the output; the ranking (worst first)
+  that says which layer breaks, as per-layer sensitivity analyses do (AIMET, NNCF);
+- ``isolated_db``: the same, at this layer's own output; ``weights_db`` / ``inputs_db``: only its
+  weights / only its input activations quantized (which of W and A to raise);
+- ``cumulative_db``: the whole model quantized: the error that has reached this layer's output.
+
+Biases stay in float while measuring (an int32 bias needs its input's scale, which a float input
+lacks; its rounding error is negligible against the weights' and activations').
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from . import layerbits
+
+EXACT = None  # how an error-free comparison is reported (JSON has no infinity)
+
+
+def sqnr(ref, test) -> float | None:
+    """10 log10(sum ref^2 / sum (ref - test)^2) in dB; None when ``test`` equals ``ref`` exactly."""
+    ref, test = np.asarray(ref, np.float64), np.asarray(test, np.float64)
+    noise = float(np.sum((ref - test) ** 2))
+    if noise == 0.0:
+        return EXACT
+    signal = float(np.sum(ref ** 2))
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def _proxies(model):
+    from brevitas.proxy.quant_proxy import QuantProxyFromInjector
+
+    return [m for m in model.modules() if isinstance(m, QuantProxyFromInjector)]
+
+
+@contextmanager
+def quantized_only(model, keep):
+    """Within: every quantizer of ``model`` off but those in ``keep`` (a set of proxy modules, or
+    None: all on, the fake-quant model); no layer returns QuantTensors (a float input has no scale)."""
+    proxies = _proxies(model)
+    saved = [(p, p.disable_quant) for p in proxies]
+    returns = [(m, m.return_quant_tensor) for m in model.modules() if hasattr(m, "return_quant_tensor")]
+    try:
+        if keep is not None:
+            for p in proxies:
+                p.disable_quant = p not in keep
+            for m, _ in returns:
+                m.return_quant_tensor = False
+        yield model
+    finally:
+        for p, state in saved:
+            p.disable_quant = state
+        for m, state in returns:
+            m.return_quant_tensor = state
+
+
+def _value(v):
+    return getattr(v, "value", v)
+
+
+def _interpreter(gm):
+    """The fx Interpreter of ``gm``'s fx (Brevitas traces with its own copy of torch.fx)."""
+    from brevitas.backport.fx.graph_module import GraphModule
+    from brevitas.backport.fx.interpreter import Interpreter
+    from torch.fx import Interpreter as TorchInterpreter
+
+    return Interpreter if isinstance(gm, GraphModule) else TorchInterpreter
+
+
+@torch.no_grad()
+def record(gm, x: torch.Tensor, names: set[str], batch: int = 256) -> dict[str, np.ndarray]:
+    """The values of the fx nodes named ``names`` (and the output, ``"output"``) over inputs ``x``."""
+    out: dict[str, list] = {}
+
+    class _Recorder(_interpreter(gm)):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n.name in names:
+                out.setdefault(n.name, []).append(_value(value).detach().float().numpy().copy())
+            return value
+
+    for i in range(0, len(x), batch):
+        logits = _Recorder(gm).run(x[i: i + batch])
+        out.setdefault("output", []).append(_value(logits).detach().float().numpy().copy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def output_quantizer(gm, node):
+    """The fx node of the activation quantizer that requantizes compute ``node``'s output (its only
+    user, or None: the logits, or an output that feeds several ops)."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module" \
+            and isinstance(gm.get_submodule(users[0].target), layerbits._act_quantizers()):
+        return users[0]
+    return None
+
+
+def _layer_proxies(gm, node) -> tuple[set, set]:
+    """The quantizers of compute ``node``: its weights', and the one in front of it (if any)."""
+    q = layerbits.input_quantizer(gm, node)
+    return {gm.get_submodule(node.target).weight_quant}, ({gm.get_submodule(q.target).act_quant} if q else set())
+
+
+def _alone(gm, x, node, ref: dict, batch: int) -> dict:
+    """The SQNRs of compute ``node`` quantized alone (weights and inputs, weights only, inputs only)."""
+    weights, inputs = _layer_proxies(gm, node)
+    with quantized_only(gm, weights | inputs):
+        both = record(gm, x, {node.name}, batch)
+    with quantized_only(gm, weights):
+        w_only = record(gm, x, {node.name}, batch)[node.name]
+    a_only = None
+    if inputs:
+        with quantized_only(gm, inputs):
+            a_only = record(gm, x, {node.name}, batch)[node.name]
+    return {"logits_db": sqnr(ref["output"], both["output"]), "isolated_db": sqnr(ref[node.name], both[node.name]),
+            "weights_db": sqnr(ref[node.name], w_only),
+            "inputs_db": sqnr(ref[node.name], a_only) if a_only is not None else None}
+
+
+def layer_errors(gm, x: torch.Tensor, batch: int = 256) -> tuple[list[dict], dict]:
+    """Per Conv / Linear layer of quantized graph module ``gm`` (graph order): name, type, bits,
+    ``isolated_db`` and ``cumulative_db`` on the images ``x``; and the logits' comparison
+    (``logits``: SQNR and top-1 agreement float vs fake-quant) with the fake-quant values of every
+    layer's output quantizer (``taps``, for the runtime comparison)."""
+    gm.eval()
+    nodes = layerbits.compute_nodes(gm)
+    taps = {n.name: q.name for n in nodes if (q := output_quantizer(gm, n)) is not None}
+    names = {n.name for n in nodes}
+    with quantized_only(gm, set()):
+        ref = record(gm, x, names, batch)
+    with quantized_only(gm, None):
+        fake = record(gm, x, names | set(taps.values()), batch)
+    rows = [row | _alone(gm, x, node, ref, batch) | {"cumulative_db": sqnr(ref[node.name], fake[node.name])}
+            for row, node in zip(layerbits.table(gm), nodes)]
+    logits = {"sqnr_db": sqnr(ref["output"], fake["output"]),
+              "top1_agreement": float(np.mean(ref["output"].argmax(1) == fake["output"].argmax(1)))}
+    tap_values = {n.target: fake[taps[n.name]] for n in nodes if n.name in taps}
+    return rows, {"logits": logits, "taps": tap_values, "fake_logits": fake["output"]}
+
+
+def worst_first(rows: list[dict], key: str = "logits_db") -> list[dict]:
+    """``rows`` sorted by ``key`` ascending (lowest SQNR, the worst, first; exact comparisons last)."""
+    return sorted(rows, key=lambda r: math.inf if r.get(key) is None else r[key])

@@ -1,0 +1,166 @@
+"""``edgekd explain`` (#22): per quantized layer, the SQNR between the float and the fake-quant
+student (that layer alone, and the whole model) and between the fake-quant student and ONNX Runtime
+at the layer's requantized output; worst first, as a table, JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from edgekd import quant
+from edgekd.cli import main
+from edgekd.data import load_dataset
+from edgekd.quant import sensitivity
+from edgekd.quant.ptq import post_training_quantize
+from tests.test_bad_input import assert_user_error, snapshot
+
+SPEC = "tests.test_layer_bits:tiny_dw"
+LAPLACE = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def high_pass_depthwise(num_classes: int = 10) -> nn.Module:
+    """conv -> [depthwise 3x3 -> pointwise 1x1] x 2 -> pool -> linear, whose depthwise filters are
+    high-pass (Laplacian, as edge detectors in trained depthwise layers are) and whose pointwise
+    layers average their inputs. At 2 bits a Laplacian keeps its centre tap only (the best
+    threshold rounds the -1 taps to 0) and the difference of 2-bit inputs is mostly rounding noise:
+    the depthwise layers are where quantization breaks this model."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1), nn.ReLU(),
+                      nn.Conv2d(8, 8, 3, 1, 1, groups=8), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.ReLU(),
+                      nn.Conv2d(16, 16, 3, 2, 1, groups=16), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+    with torch.no_grad():
+        for i in (2, 6):
+            c = m[i].out_channels
+            m[i].weight.copy_(LAPLACE.expand(c, 1, 3, 3) * (1 + 0.2 * torch.rand(c, 1, 1, 1)))
+            m[i].bias.fill_(0.5)
+        for i in (4, 8):
+            m[i].weight.uniform_(0.5, 1.0)
+            m[i].weight /= m[i].in_channels
+            m[i].bias.zero_()
+        m[0].weight.abs_()
+    return m.eval()
+
+
+def _ranked(rules=()):
+    x = torch.from_numpy(load_dataset("digits").train.take(np.arange(256)))
+    spec = quant.QuantSpec(weight_bits=2, act_bits=2, layer_bits=rules)
+    q = post_training_quantize(high_pass_depthwise(), spec, x, bias_correction=False)
+    rows, extra = sensitivity.layer_errors(q, x[:128])
+    return sensitivity.worst_first(rows), extra
+
+
+def test_depthwise_layers_rank_worst_at_uniform_2_bits():
+    rows, extra = _ranked()
+    assert [r["type"] for r in rows[:2]] == ["depthwise", "depthwise"]
+    assert all(r["weight_bits"] == 2 and r["act_bits"] == 2 for r in rows[:2])
+    assert all(rows[i]["logits_db"] <= rows[i + 1]["logits_db"] for i in range(len(rows) - 1))
+    assert rows[0]["weights_db"] < 0  # the filter no longer is a Laplacian: error above signal
+    assert 0 <= extra["logits"]["top1_agreement"] <= 1
+    fixed, _ = _ranked(("depthwise=W8A8",))  # the remedy explain points to
+    assert "depthwise" not in [r["type"] for r in fixed[:3]]
+    assert all(r["isolated_db"] > 30 for r in fixed if r["type"] == "depthwise")
+
+
+def test_sqnr():
+    assert sensitivity.sqnr([1.0, 2.0], [1.0, 2.0]) is None  # exact
+    assert sensitivity.sqnr([1.0, 1.0], [1.1, 0.9]) == pytest.approx(20.0)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A W2A2 tiny depthwise student with its depthwise layers at W8A8 (1 float + 1 QAT epoch on
+    digits), exported for onnxruntime-arm."""
+    root = tmp_path_factory.mktemp("explain")
+    torch.manual_seed(0)
+    for args in (("distill", "--student", SPEC, "--method", "none", "--bits", 2, "--target", "rpi",
+                  "--layer-bits", "depthwise=W8A8", "--epochs", 1, "--float-epochs", 1, "--out", root / "run"),
+                 ("export", root / "run", "--target", "rpi", "--student", SPEC, "--out", root / "b")):
+        result = run(*args, "-q")
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def test_explain_bundle_table_and_json(bundle):
+    result = run("explain", bundle / "b", "--student", SPEC, "-q")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{bundle / 'b'}: W2A2 with depthwise=W8A8, 359 test samples")
+    assert lines[1].split() == ["layer", "type", "W", "A", "logits", "dB", "layer", "dB", "weights", "dB", "inputs",
+                                "dB", "cumulative", "dB", "runtime", "dB"]
+    table = [line.split() for line in lines[2:8]]
+    assert sorted(r[0] for r in table) == ["0", "12", "17", "3", "6", "9"]
+    assert [r[-1] for r in table if r[0] != "17"] == ["exact"] * 5  # the runtime computes what PyTorch does
+    data = json.loads(run("explain", bundle / "b", "--student", SPEC, "--json", "--samples", 100, "-q").stdout)
+    assert data["samples"] == 100 and data["target"] == "onnxruntime-arm" and data["runtime_note"] is None
+    dbs = [r["logits_db"] for r in data["layers"]]
+    assert dbs == sorted(dbs, key=lambda v: float("inf") if v is None else v)
+    compared = [r for r in data["layers"] if r["runtime_compared"]]
+    assert len(compared) == 5 and all(r["runtime_levels_off"] == 0.0 and r["runtime_db"] is None for r in compared)
+    assert {r["name"]: (r["weight_bits"], r["act_bits"]) for r in data["layers"]}["3"] == (8, 8)
+
+
+def test_explain_run_dir_and_png(bundle, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    args = ["explain", bundle / "run", "--student", SPEC, "--samples", 50, "--png", tmp_path / "layers.png", "-q"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert "runtime dB" not in result.stdout and ", 50 test samples" in result.stdout.splitlines()[0]
+    assert (tmp_path / "layers.png").read_bytes().startswith(b"\x89PNG")
+    again = run(*args)  # edgekd's own plot may be replaced
+    assert again.exit_code == 0, again.output
+
+
+def test_explain_bad_inputs(bundle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(bundle / "b", tmp_path / "moved")
+    manifest = json.loads((tmp_path / "moved" / "manifest.json").read_text())
+    manifest["run_dir"] = str(tmp_path / "gone")
+    (tmp_path / "moved" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "notes.png").write_text("mine")
+    (tmp_path / "empty").mkdir()
+    before = snapshot(tmp_path)
+    assert_user_error(run("explain", tmp_path / "nothing"), "no such bundle or run")
+    assert_user_error(run("explain", tmp_path / "empty"), "is not a run directory")
+    assert_user_error(run("explain", bundle / "b", "--samples", 0), "--samples must be an integer between 1 and")
+    assert_user_error(run("explain", tmp_path / "moved", "--student", SPEC),
+                      f"was exported from run '{tmp_path / 'gone'}', which is not there", "--run DIR")
+    assert_user_error(run("explain", bundle / "b", "--png", tmp_path / "notes.png"),
+                      "notes.png exists and was not written by edgekd")
+    assert snapshot(tmp_path) == before
+    ok = run("explain", tmp_path / "moved", "--run", bundle / "run", "--student", SPEC, "--samples", 20, "-q")
+    assert ok.exit_code == 0, ok.output
+
+
+def test_explain_qonnx_bundle_through_qonnx_executor(tmp_path):
+    pytest.importorskip("qonnx")
+    torch.manual_seed(0)
+    for args in (("distill", "--student", SPEC, "--method", "none", "--bits", 2, "--target", "fpga",
+                  "--layer-bits", "6=W4A4", "--epochs", 1, "--float-epochs", 1, "--out", tmp_path / "run"),
+                 ("export", tmp_path / "run", "--target", "fpga", "--student", SPEC, "--out", tmp_path / "b")):
+        result = run(*args, "-q")
+        assert result.exit_code == 0, result.output
+    data = json.loads(run("explain", tmp_path / "b", "--student", SPEC, "--json", "--samples", 60, "-q").stdout)
+    assert data["target"] == "qonnx-finn" and data["runtime_note"] is None
+    compared = [r for r in data["layers"] if r["runtime_compared"]]
+    assert len(compared) == 5 and all(r["runtime_db"] is None for r in compared)  # FINN's input: exact
+    assert {r["name"]: (r["weight_bits"], r["act_bits"]) for r in data["layers"]}["6"] == (4, 4)
+
+
+def test_explain_refuses_an_fp32_bundle(bundle, tmp_path):
+    result = run("export", bundle / "run", "--target", "rpi", "--float", "--student", SPEC, "--out", tmp_path / "f",
+                 "-q")
+    assert result.exit_code == 0, result.output
+    assert_user_error(run("explain", tmp_path / "f"), "is an fp32 bundle: nothing in it is quantized")
