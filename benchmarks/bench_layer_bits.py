@@ -24,7 +24,8 @@ import torch
 from bench_mobile import mobile_student
 
 RESULTS = Path(__file__).parent / "results"
-CELLS = {"W2A2": None, "W2A2 depthwise=W8A8": ["depthwise=W8A8"], "W2A2 depthwise=W8": ["depthwise=W8"]}
+CELLS = {"W2A2": None, "W2A2 depthwise=W8A8": ["depthwise=W8A8"], "W2A2 depthwise=W8": ["depthwise=W8"],
+         "W2A2 last=A8": ["last=A8"], "W2A2 depthwise=W8A8 last=A8": ["depthwise=W8A8", "last=A8"]}
 
 
 def _cell(args, label: str, rules, float_pt: Path | None, work: Path) -> dict:
@@ -77,18 +78,20 @@ def main() -> None:
     p.add_argument("--explain-samples", type=int, default=500)
     p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, of: {', '.join(CELLS)}")
     p.add_argument("--work", default="runs/bench_layer_bits")
+    p.add_argument("--float-from", help="float.pt of an earlier run of this script: skip the float phase")
+    p.add_argument("--float-accuracy", type=float, help="with --float-from: that float student's test accuracy")
     p.add_argument("--no-write", action="store_true", help="print only (a smoke run)")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    t0, rows, float_pt = time.time(), [], None
+    t0, rows, float_pt = time.time(), [], Path(args.float_from) if args.float_from else None
     for label in [c.strip() for c in args.cells.split(",")]:
         rows.append(_cell(args, label, CELLS[label], float_pt, work))
         if float_pt is None:  # the first cell trained the float student: the others start from it
             float_pt = work / "float.pt"
             shutil.copy(Path(rows[-1]["run_dir"]) / "float.pt", float_pt)
-        rows[-1]["float"] = rows[0]["float"]
+        rows[-1]["float"] = rows[0]["float"] if rows[0]["float"] is not None else args.float_accuracy
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "layers"}), flush=True)
     flags = sorted(set(open("/proc/cpuinfo").read().split()) & {"avx2", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
     images = f"first {args.train_limit}" if args.train_limit else "all"

@@ -10,7 +10,6 @@ Needs only numpy: it runs on the device.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import zipfile
@@ -20,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .core import jsonfile
 from .core.errors import EdgekdError, MissingFileError, ParityError
 from .core.fsutil import BUNDLES_DIR, latest, sha256_file
 
@@ -65,9 +65,11 @@ def read_manifest(path: Path) -> dict:
     if not file.is_file():
         raise BundleError(f"not a bundle: {path} has no manifest.json", "pass a directory written by `edgekd export`")
     try:
-        manifest = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+        manifest = jsonfile.read(file, MANIFEST_BYTES)
+    except ValueError as e:  # not JSON, not UTF-8, too large, nested too deeply
         raise BundleError(f"corrupt bundle: {file} is not valid JSON ({e})", "re-export the bundle") from None
+    except OSError as e:
+        raise BundleError(f"cannot read {file}: {e.strerror or e}", "check the bundle's permissions") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"corrupt bundle: {file} is not a JSON object", "re-export the bundle")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
@@ -92,6 +94,7 @@ PARITY_RANGES = {"n": (0, 10**9), "top1_agreement": (0.0, 1.0), "max_abs_diff": 
                  "mean_abs_diff": (0.0, math.inf), "runtime_accuracy": (0.0, 1.0), "torch_accuracy": (0.0, 1.0),
                  "disagreements": (0, 10**9)}
 INT_KEYS = ("weight_bits", "act_bits", "test_samples", "opset", "parity.n", "parity.disagreements")
+MANIFEST_BYTES = 64 << 20  # a manifest lists up to MAX_CLASSES class names: tens of MB at most
 MAX_NAME = 200  # characters of a bundle's name (it is a table cell)
 MAX_CLASSES = 1_000_000
 
@@ -146,8 +149,9 @@ def _check_manifest_types(manifest: dict, file: Path) -> None:
     if problems:  # the checks below read these fields
         raise BundleError(f"corrupt bundle: {file}: {'; '.join(problems)}"[:600], "re-export the bundle")
     problems = _range_problems(manifest)
-    if not _plain_name(manifest["model_file"]):
-        problems.append(f"model_file {manifest['model_file']!r} is not a file name inside the bundle")
+    for key in ("model_file", "reference_file"):  # files edgekd opens by these names (reference: compile)
+        if key in manifest and not _plain_name(manifest[key]):
+            problems.append(f"{key} {str(manifest[key])[:80]!r} is not a file name inside the bundle")
     files = manifest["files"]
     if not isinstance(files, dict) or not all(_plain_name(k) and isinstance(v, str) for k, v in files.items()):
         problems.append("files must map file names inside the bundle to sha256 hex digests")
@@ -258,8 +262,10 @@ def load_bundle(path: Path, manifest: dict | None = None) -> Bundle:
     return Bundle(path, name, manifest, path / manifest["model_file"], x, y)
 
 
-def file_hashes(directory: Path, skip=("manifest.json",)) -> dict:
-    return {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name not in skip}
+def file_hashes(directory: Path, skip=("manifest.json",), keep=None) -> dict:
+    """sha256 of the regular files of ``directory`` (not ``skip``; only ``keep``'s when given)."""
+    return {p.name: sha256_file(p) for p in sorted(directory.iterdir())
+            if p.is_file() and not p.is_symlink() and p.name not in skip and (keep is None or p.name in keep)}
 
 
 # --- running and comparing ------------------------------------------------------------------------

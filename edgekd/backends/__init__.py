@@ -37,6 +37,7 @@ class Option:
     choices: tuple = ()
     lo: float | None = None
     hi: float | None = None
+    file_name: bool = False  # a str naming a file written next to the artifact: a plain name, no folders
 
 
 class Runner(Protocol):
@@ -108,6 +109,7 @@ class Backend:
     name: str = ""
     title: str = ""  # how people write its name ("ONNX Runtime")
     builds_on_device: bool = False  # its artifact is built where it runs (``compile_on_device``)
+    device_files: tuple[str, ...] = ()  # the fixed file names ``compile_on_device`` writes into the bundle
     flavours: tuple[str, ...] = ()  # export flavours it takes (edgekd.export), preferred first
     options: dict[str, Option] = {}
     package: str = ""  # the pip package its runtime needs

@@ -301,8 +301,10 @@ def _check_bits(target: Target, where: str) -> None:
                           "use a width listed in both weight_bits and act_bits, or \"same\" for the rest's bits")
 
 
-def _check_options(options: dict, backend: str, where: str) -> None:
-    """The target's [options], checked against the schema its backend declares."""
+def check_options(options: dict, backend: str, where: str) -> None:
+    """A target's [options] (or a bundle's ``backend_options``), checked against the schema its
+    backend declares; an option naming a file (``file_name``) must be a plain name, never a path
+    that leads out of the folder it is written in."""
     from ..backends import get_backend
 
     specs = get_backend(backend).options
@@ -313,6 +315,13 @@ def _check_options(options: dict, backend: str, where: str) -> None:
         if spec.choices:
             _check_choice(value, spec.choices, f"options.{key}", where)
         _check_range(value, f"options.{key}", where, spec.lo, spec.hi)
+        if getattr(spec, "file_name", False) and value and (value in (".", "..") or "/" in value or "\\" in value
+                                                             or "\0" in value):
+            raise ConfigError(f"{where}: options.{key} must be a file name (no folders), got {value!r}",
+                              "give a plain file name: it is written next to the artifact")
+
+
+_check_options = check_options
 
 
 def parse_target(table: dict, name: str, where: str) -> Target:

@@ -88,12 +88,15 @@ def _bench_here(paths, settings, prof):
 
 
 def _sweep_ints(text: str, option: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+    items = [v.strip() for v in text.split(",")]
+    try:  # ASCII digits only (int() reads '８' and '1_0' too); an empty item ('8,,4') is a typo, not skipped
+        values = tuple(int(v) if v.isascii() and "_" not in v else int("?") for v in items if v)
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=option) from None
     if not values:
         raise click.BadParameter("give at least one value", param_hint=option)
+    if len(values) != len(items):
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r} (an empty item)", param_hint=option)
     return values
 
 

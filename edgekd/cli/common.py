@@ -34,6 +34,26 @@ def _checked(name: str):
     return callback
 
 
+class AsciiNumber(click.ParamType):
+    """An integer or a float written in ASCII: Python's int() and float() (what click uses) also read
+    other scripts' digits ('８', '٤') and underscores ('1_0'), which no recipe, log or other tool reads
+    the same way; the TOML files refuse them too."""
+
+    def __init__(self, kind: type):
+        self.kind, self.name = kind, "integer" if kind is int else "float"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            return value
+        text = str(value)
+        if not text.isascii() or "_" in text:
+            self.fail(f"{op.shown(text, 40)} is not a valid {self.name} (ASCII digits only)", param, ctx)
+        return (click.INT if self.kind is int else click.FLOAT).convert(text, param, ctx)
+
+
+INT, FLOAT = AsciiNumber(int), AsciiNumber(float)
+
+
 def flag(name: str, *decls: str, **overrides):
     """A click option for table entry ``name``; ``decls``: extra spellings such as ``-T``, or, when one
     starts with ``--``, the spellings to use instead of the table's (``--warmup-time``)."""
@@ -45,6 +65,7 @@ def flag(name: str, *decls: str, **overrides):
     if o.choices:
         settings["type"] = click.Choice([str(c) for c in o.choices])
     settings.update(overrides)
+    settings["type"] = {int: INT, float: FLOAT}.get(settings["type"], settings["type"])
     settings["show_default"] = settings["default"] is not None
     spellings = decls if any(d.startswith("--") for d in decls) else (o.flag, *decls)
     return click.option(*spellings, name, **settings)
@@ -65,7 +86,7 @@ def bit_list(text: str | None) -> list[int] | None:
     if not text:
         return None
     try:
-        values = [int(b) for b in text.split(",")]
+        values = [int(b) if b.isascii() and "_" not in b else int("not ASCII") for b in text.split(",")]
     except ValueError:
         raise EdgekdError(f"--bit-schedule takes comma-separated integers, got {text!r}", "e.g. --bit-schedule 8,4") \
             from None
@@ -80,12 +101,15 @@ def params(items) -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise EdgekdError(f"--param takes KEY=VALUE, got {op.shown(item)}", "e.g. --param beta=8")
+        if key in out:  # the last would win silently
+            raise EdgekdError(f"--param {op.shown(key, 40)} is given twice", "give each parameter once")
         try:
-            out[key.strip()] = tomlfile.value(value, f"--param {op.shown(key.strip(), 40)}")
+            out[key] = tomlfile.value(value, f"--param {op.shown(key, 40)}")
         except tomlfile.DecodeError:
-            out[key.strip()] = value
+            out[key] = value
     return out
 
 
@@ -100,6 +124,10 @@ class OutPath(click.ParamType):
         if value == "":
             raise click.UsageError(f"{param.opts[0] if param else 'the path'} must not be empty", ctx)
         return Path(value)
+
+
+class InPath(OutPath):
+    """A path to read: '' is a usage error too (not the current directory)."""
 
 
 def out_option(*decls: str, **settings):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
@@ -47,10 +46,10 @@ def render(result: dict) -> list[str]:
 
 
 @main.command("explain")
-@click.argument("source", required=False, type=click.Path(path_type=Path), metavar="[BUNDLE|RUN]")
-@click.option("--samples", default=500, show_default=True, type=int,
+@click.argument("source", required=False, type=c.InPath(), metavar="[BUNDLE|RUN]")
+@click.option("--samples", default=500, show_default=True, type=c.INT,
               help="Test samples to measure on (a bundle's eval.npz, else a stratified sample of the test split).")
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), metavar="DIR",
+@click.option("--run", "run_dir", type=c.InPath(), metavar="DIR",
               help="The run a bundle was exported from, when it is no longer where the manifest says.")
 @click.option("--student", metavar="ARCH", help="The student architecture, when the run's is module:callable.")
 @c.trust_code_opt

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
 
 from ..config import options as op
+from ..core.errors import EdgekdError
 from . import common as c
 from .app import main
 
@@ -49,7 +51,11 @@ def train(data, arch, epochs, teacher_lr, teacher_batch_size, teacher_optimizer,
 def _distill_options(f):
     """The options of ``distill`` (all but the common ones), from the options table."""
     for decorator in reversed([
-        c.data_opt, c.data_opts, c.flag("bits"), c.flag("weight_bits", default=None, show_default=False),
+        c.data_opt, c.data_opts,
+        c.flag("bits", type=str, callback=_bits_or_auto, metavar="2..8|auto",
+               help=op.OPTIONS["bits"].help + " auto: each layer's weight bits chosen by its measured sensitivity "
+                    "under --budget (or --profile); activations at --act-bits (8 unless given)."),
+        c.flag("budget"), c.flag("profile"), c.flag("weight_bits", default=None, show_default=False),
         c.flag("act_bits", default=None, show_default=False),
         click.option("--teacher", multiple=True, help=op.OPTIONS["teacher"].help),
         click.option("--teacher-weight", "teacher_weights", multiple=True, type=float,
@@ -70,7 +76,7 @@ def _distill_options(f):
                      help="Random horizontal flips [default: the dataset's]. Off, the teacher's outputs are cached."),
         click.option("--no-cache", is_flag=True, help="Run the teacher on every batch even when its outputs "
                                                        "could be cached."),
-        c.flag("lr"), c.flag("qat_lr"), c.flag("batch_size"),
+        c.flag("lr"), c.flag("qat_lr"), c.flag("batch_size"), c.flag("train_limit"),
         click.option("--first-last-bits", default=str(op.default("first_last_bits")), show_default=True,
                      help=op.OPTIONS["first_last_bits"].help),
         c.layer_bits_opt,
@@ -84,6 +90,16 @@ def _distill_options(f):
     return f
 
 
+def _bits_or_auto(ctx, param, value):
+    """distill --bits: an integer from the table's range, or auto (quant.autobits)."""
+    if value is None or value == "auto":
+        return value
+    if not re.fullmatch(r"[0-9]{1,3}", value):
+        raise EdgekdError(f"--bits must be an integer between {op.MIN_BITS} and {op.MAX_BITS} or 'auto', got "
+                          f"{op.shown(value)}")
+    return op.check("bits", int(value), "--bits")
+
+
 @main.command()
 @_distill_options
 def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first_last_bits, layer_bits, bit_schedule,
@@ -95,12 +111,16 @@ def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first
       edgekd distill --bits 4 --method dkd --param beta=8
       edgekd distill --bits 4 --method fitnet --param 'student=["8"]' --param 'teacher=["5.relu"]'
       edgekd distill --bits 2 --scheme progressive
+      edgekd distill --bits auto --budget size=20KB
       edgekd distill --config recipe.toml
     """
     from ..api import DistillOptions, distill as run_distill
     from ..training.distributed import launched_rank
 
-    w, a = c.bits(bits, weight_bits, act_bits)
+    if bits == "auto" and weight_bits is not None:
+        raise EdgekdError("--bits auto chooses the weight bits; --weight-bits cannot also set them",
+                          "drop --weight-bits, or give --bits 2..8")
+    w, a = c.bits(op.default("weight_bits") if bits == "auto" else bits, weight_bits, act_bits)
     teachers = list(teacher)
     config = kw.pop("config")
     opts = DistillOptions(**kw, teacher=teachers[0] if len(teachers) == 1 else (teachers or None), weight_bits=w,
@@ -108,7 +128,7 @@ def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first
                           teacher_weights=op.check("teacher_weights", list(teacher_weights) or None, "--teacher-weight"),
                           assistants=list(assistants) or ["resnet-student"], bit_schedule=c.bit_list(bit_schedule),
                           cache=not no_cache, first_last_bits=c.first_last_bits(first_last_bits),
-                          layer_bits=list(layer_bits) or None, progress=not quiet)
+                          layer_bits=list(layer_bits) or None, auto_bits=bits == "auto", progress=not quiet)
     if list_layers:
         return _print_layers(opts, trust_code)
     m = run_distill(opts, out=out, log=c.logger(quiet), resume=resume, overwrite=overwrite, trust_code=trust_code, tensorboard=tensorboard)

@@ -132,6 +132,13 @@ def rules_from(value, where: str = "--layer-bits") -> tuple[LayerRule, ...]:
     return tuple(out)
 
 
+def escape(path: str) -> str:
+    """A module path as a glob naming that path only: glob characters bracketed (``[*]``), a comma
+    (which ``--layer-bits`` splits on) as ``?``, and a path that is a type keyword as ``[c]onv``."""
+    out = "".join(f"[{c}]" if c in "[*?" else "?" if c == "," else c for c in path)
+    return f"[{out[0]}]{out[1:]}" if out in TYPES else out
+
+
 def capped(rules: tuple[LayerRule, ...], max_weight: int) -> tuple[LayerRule, ...]:
     """``rules`` with weight bits above ``max_weight`` lowered to it (a reduce_range target)."""
     from dataclasses import replace

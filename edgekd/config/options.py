@@ -126,6 +126,14 @@ OPTIONS: dict[str, Opt] = {o.name: o for o in [
         "(depthwise, pointwise, conv, linear, first, last) or a module-path glob ('features.3.*'); W the layer's "
         "weight bits, A the bits of the activations it reads; either may be left out (depthwise=W8A8, last=W8).",
         nullable=True, item=dict(kind=(str, dict)), metavar="PATTERN=WxAy"),
+    Opt("auto_bits", False, bool, "Choose each layer's weight bits after the float phase (distill --bits auto): "
+        "the least total sensitivity (each layer's error at the logits, measured at every width the target "
+        "accepts) under the size budget of --budget or --profile; activations keep --act-bits."),
+    Opt("budget", None, str, "Size budget of --bits auto: size=SIZE, the bytes of the weights packed at their bit "
+        "widths (e.g. size=20KB, size=1.5MB; KB = 1000 B, KiB = 1024 B). Latency budgets are refused: int8 runtimes "
+        "run weights of 2 to 8 bits on the same kernels.", nullable=True, metavar="size=SIZE"),
+    Opt("profile", None, str, "--bits auto: take the size budget from this profile's size_mb (name, alias or "
+        ".toml).", nullable=True, metavar="NAME|FILE.toml"),
     # --- distillation ---
     Opt("method", "hinton", str, "Distillation method (paper defaults; see README): hinton [default], kd, mse, "
         "dkd, tfkd, fitnet, at, rkd, fsp, or none (QAT only). Ignored with a --config recipe that lists "
@@ -367,6 +375,9 @@ class DistillOptions(ReadOptions):
     batch_size: int = default("batch_size")
     first_last_bits: int | str = default("first_last_bits")  # or "same"
     layer_bits: list | None = default("layer_bits")  # per-layer rules (quant.layerbits), in order
+    auto_bits: bool = default("auto_bits")  # --bits auto: weight bits chosen per layer (quant.autobits)
+    budget: str | None = default("budget")  # its size budget (config.budget), or
+    profile: str | None = default("profile")  # the profile whose size_mb is
     seed: int = default("seed")
     progress: bool = default("progress")
     params: dict = field(default_factory=dict)  # the method's hyper-parameters, e.g. {"beta": 8.0} for dkd

@@ -41,6 +41,7 @@ from ..core.registry import suggest
 from . import options as op, tomlfile
 
 LOSS_KEY = "loss"
+MAX_BYTES = 16 << 20  # a recipe is a page of TOML; a larger file is not one (read whole into memory)
 BITS_KEY = "bits"  # [[bits]] tables: per-layer bit widths
 
 
@@ -92,11 +93,20 @@ def _layer_bits(doc: dict, source: str) -> None:
 
 def read(path: str | Path) -> str:
     """The text of a recipe file (UTF-8), or one error naming what is wrong with the path."""
-    path = Path(path)
-    if path.is_dir():
+    from ..core import inputfile
+
+    if str(path) == "":
+        raise MissingFileError("--config must not be empty", "pass a .toml file to --config")
+    path, found = Path(path), inputfile.kind(path)
+    if found == inputfile.DIRECTORY:
         raise MissingFileError(f"recipe {path} is a directory", "pass a .toml file to --config")
-    if not path.is_file():
+    if found == inputfile.MISSING:
         raise MissingFileError(f"recipe not found: {path}", "pass a .toml file to --config")
+    if found != inputfile.FILE:  # a FIFO would block the read, /dev/zero never end
+        raise MissingFileError(f"recipe {path} is {found}, not a regular file", "pass a .toml file to --config")
+    if path.stat().st_size > MAX_BYTES:
+        raise ConfigError(f"recipe {path} is {path.stat().st_size} bytes, more than a recipe holds "
+                          f"(at most {MAX_BYTES})", "pass the recipe's .toml file to --config")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -34,9 +34,10 @@ def limit_error(error: BaseException, source: str) -> ConfigError | None:
 
 
 def loads(text: str, source: str) -> dict:
-    """The TOML document ``text`` (``source`` names it in errors)."""
+    """The TOML document ``text`` (``source`` names it in errors). A leading byte-order mark (what
+    Notepad writes at the start of a UTF-8 file) is dropped: TOML itself refuses it at line 1."""
     try:
-        return tomllib.loads(text)
+        return tomllib.loads(text.removeprefix("\ufeff"))
     except DecodeError as e:
         raise ConfigError(f"{source} is not valid TOML: {e}") from None
     except (RecursionError, ValueError, OverflowError) as e:
@@ -44,10 +45,14 @@ def loads(text: str, source: str) -> dict:
 
 
 def value(text: str, source: str):
-    """One TOML value (``8``, ``0.5``, ``"5"``, ``["5", "8"]``); DecodeError when ``text`` is not one."""
+    """One TOML value (``8``, ``0.5``, ``"5"``, ``["5", "8"]``); DecodeError when ``text`` is not one,
+    also when it holds more than one (``4\nalpha = 0.5`` would otherwise set 4 and drop the rest)."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        doc = tomllib.loads(f"v = {text}")
     except DecodeError:
         raise
     except (RecursionError, ValueError, OverflowError) as e:
         raise limit_error(e, source) from None
+    if list(doc) != ["v"]:
+        raise DecodeError("more than one value", f"v = {text}", 0)
+    return doc["v"]

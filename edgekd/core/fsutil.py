@@ -8,7 +8,8 @@ by later writes). What it creates gets the user's umask, as any other program's 
 work): a command writes only a new path, an empty folder, or a path edgekd wrote before
 (recognised by its marker, see ``artifact_kind``). Anything else is refused with one line unless
 ``overwrite``; and even then never a path that is empty, a device node, FIFO or socket, a
-symbolic link, the current directory or one of its parents, the input being read, a regular file
+symbolic link, the current directory or one of its parents, the home folder or one of its parents,
+a folder at the top of the file system (/usr, /tmp) that is not empty, the input being read, a regular file
 given where a folder is written, or a folder that holds other runs or bundles.
 
 **Replacing a folder** (a run, trained model or bundle) removes only what edgekd wrote in it
@@ -22,7 +23,6 @@ never deleted (the new folder is then kept under a visible name next to it, and 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import stat
@@ -31,10 +31,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from . import interrupts
+from . import interrupts, jsonfile
 from .errors import EdgekdError
 from .staging import (STAGED, _os_error, atomic_path, current_umask, finite, remove, set_aside,  # noqa: F401
-                      staging, user_error, write_bytes, write_json, write_text)
+                      stale, staging, user_error, write_bytes, write_json, write_text)
 
 RUNS_DIR = Path("runs")
 BUNDLES_DIR = Path("bundles")
@@ -131,8 +131,8 @@ def _read(path: Path, limit: int) -> bytes | None:
 def _json_file(path: Path, limit: int = 64 << 20):
     data = _read(path, limit)
     try:
-        return json.loads(data) if data is not None else None
-    except (ValueError, UnicodeDecodeError):
+        return jsonfile.loads(data) if data is not None else None
+    except (ValueError, UnicodeDecodeError):  # not JSON, or nested too deeply: not edgekd's
         return None
 
 
@@ -225,27 +225,48 @@ def _holds_artifacts(path: Path, depth: int = 3) -> Path | None:
 
 
 def own_entries(path: Path) -> frozenset:
-    """The names in the edgekd folder ``path`` that edgekd wrote: a run's or trained model's files
-    (RUN_FILES), a bundle's manifest and the files it lists; nothing for another folder."""
+    """The names in the edgekd folder ``path`` that edgekd wrote: the regular files among a run's or
+    trained model's file names (RUN_FILES); a bundle's manifest and the files it lists that are
+    there unchanged (a plain name, a regular file, the sha256 the manifest records: a manifest
+    edited to list a user's file or folder never makes it edgekd's); nothing for another folder."""
     kind = artifact_kind(path)
     if kind in ("run", "teacher"):
-        return RUN_FILES
+        return frozenset(n for n in RUN_FILES if _regular(path / n))
     if kind == "bundle":
         files = (_json_file(path / "manifest.json", 16 << 20) or {}).get("files")
-        return frozenset(["manifest.json", *(n for n in files if isinstance(n, str))] if isinstance(files, dict) else
-                         ["manifest.json"])
+        listed = files.items() if isinstance(files, dict) else ()
+        return frozenset(["manifest.json", *(n for n, digest in listed if _unchanged(path, n, digest))])
     return frozenset()
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _unchanged(folder: Path, name, digest) -> bool:
+    """Whether ``name`` is a file of ``folder`` (not a path leading elsewhere) holding the sha256 ``digest``."""
+    if not (isinstance(name, str) and isinstance(digest, str) and name not in ("", ".", "..")
+            and os.path.basename(name) == name and _regular(folder / name)):
+        return False
+    try:
+        return sha256_file(folder / name) == digest
+    except OSError:
+        return False
 
 
 def foreign_entry(path: Path, also: Iterable[str] = ()) -> str | None:
     """The first entry of the folder ``path`` that edgekd did not write (not in ``own_entries``, not
-    in ``also``, not a staging entry of edgekd's), or None."""
+    in ``also``, not the staging of a dead edgekd writer on this host: a name that only looks like
+    staging, of another host or of a live process, is someone else's), or None."""
     try:
         names = sorted(os.listdir(path))
     except OSError:
         return None
     own = own_entries(path) | frozenset(also)
-    return next((n for n in names if n not in own and not STAGED.fullmatch(n)), None)
+    return next((n for n in names if n not in own and not stale(n)), None)
 
 
 def _real(path) -> str:
@@ -290,6 +311,24 @@ def check_output(path, kind: str, inputs: Iterable = (), overwrite: bool = False
     return _check_existing(path, kind, overwrite, shown, what)
 
 
+def _home() -> str | None:
+    try:
+        return _real(Path.home())
+    except (RuntimeError, KeyError, OSError):  # no $HOME and no password entry
+        return None
+
+
+def _check_not_a_root(real: str, shown: str) -> None:
+    """A folder that holds something and is the home folder, one of its parents, or at the top of the
+    file system (/usr, /tmp, /data) holds far more than an output: never replaced, not even with
+    ``overwrite`` (an empty one, e.g. a container's /out, may be written)."""
+    home = _home()
+    if home is not None and _inside(home, real):
+        raise EdgekdError(f"{shown} is the home folder or one of its parents", "choose a new folder below it")
+    if len(Path(real).parts) <= 2:
+        raise EdgekdError(f"{shown} is a folder at the top of the file system", "choose a new folder below it")
+
+
 def _check_not_inside_artifact(real: Path, shown: str, what: str) -> None:
     """Nothing is written inside a run, trained model or bundle: rewriting that folder would delete it."""
     for parent in real.parents:
@@ -305,6 +344,8 @@ def _check_existing(path: Path, kind: str, overwrite: bool, shown: str, what: st
     names = _names(path) if kind in FOLDER_KINDS else None
     if folder and not names:
         return path
+    if folder:
+        _check_not_a_root(_real(path), shown)
     if folder and not kind == found == "sweep":  # a sweep root holds its cells
         inner = _holds_artifacts(path)
         if inner is not None:

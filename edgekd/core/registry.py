@@ -20,8 +20,9 @@ def suggest(name: str, choices: list[str] | tuple[str, ...], n: int = 3) -> str:
 
 def unknown(kind: str, name: str, choices) -> UnknownNameError:
     choices = sorted(choices)
+    shown = repr(name) if len(repr(name)) <= 100 else repr(name)[:96] + "...'"  # a 100 kB name: one short line
     return UnknownNameError(
-        f"unknown {kind} {name!r}{suggest(name, choices)}",
+        f"unknown {kind} {shown}{suggest(str(name)[:100], choices)}",
         f"choose one of: {', '.join(choices)}" if choices else None,
     )
 
@@ -48,7 +49,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         try:
             return self._items[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: a list or table read from a file, not a name
             raise unknown(self.kind, name, self._items) from None
 
     def names(self) -> list[str]:

@@ -13,7 +13,8 @@ boot; 0 where unknown) name the writing process. A writer killed with SIGKILL, o
 leaves its entries behind; ``clean_stale``, run by every later write into the same folder, removes
 the staging entries whose writer is dead (same host, no process with that PID and start time) and
 puts a set-aside folder back where its replacement never arrived. Nothing else is touched: not an
-entry of another pattern, of a live process, or of another host (a shared folder).
+entry of another pattern, of a live process, of a PID above Linux's limit (no writer of edgekd's
+had it), or of another host (a shared folder).
 
 Disk full: ENOSPC/EDQUOT, and any failure inside a write while the disk is full (a library that
 reports it as its own error: ONNX Runtime's "Protobuf serialization failed", torch's "file write
@@ -43,6 +44,7 @@ NAME_LIMIT = 150  # longer output names are shortened in staging names (a file n
 FULL_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
 STAGED = re.compile(r"\.(?P<name>.+)\.edgekd-(?P<host>[0-9a-f]{6})-(?P<pid>[1-9]\d{0,9})-(?P<start>\d{1,20})"
                     r"-[a-z0-9_]{8}\.(?P<kind>tmp|old)")
+PID_LIMIT = 1 << 22  # Linux's largest PID (PID_MAX_LIMIT): a name with a larger one is no edgekd writer's
 _start_times: dict[int, int] = {}
 
 
@@ -148,7 +150,7 @@ def _alive(pid: int, start: int) -> bool:
 def stale(name: str) -> re.Match | None:
     """The match of ``name`` when it is a staging entry of a dead edgekd writer on this host."""
     m = STAGED.fullmatch(name)
-    if m is None or m["host"] != _host() or _alive(int(m["pid"]), int(m["start"])):
+    if m is None or m["host"] != _host() or int(m["pid"]) > PID_LIMIT or _alive(int(m["pid"]), int(m["start"])):
         return None
     return m
 

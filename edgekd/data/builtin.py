@@ -108,6 +108,7 @@ def load_dataset(spec: str = "digits", seed: int = 0, val_fraction: float = 0.1,
     ``options``: normalization for every spec; size, channels, augmentation, workers and bad files
     for image folders (data.options)."""
     options = options or DataOptions()
+    options.check_bounds()
     kind, _, arg = spec.partition(":")
     if kind == "imagefolder":
         return _imagefolder(spec, arg, seed, val_fraction, options)

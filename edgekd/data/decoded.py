@@ -35,7 +35,7 @@ import numpy as np
 from ..core.errors import ConfigError, EdgekdError, WorkerFailure
 from ..core.fsutil import _os_error, atomic_path, write_json
 
-FORMAT = "edgekd-image-cache-2"  # 2: the pixels' SHA-256 in KEY.json; 16-bit images scaled, not clipped
+FORMAT = "edgekd-image-cache-3"  # 2: the pixels' SHA-256 in KEY.json; 16-bit images scaled, not clipped; 3: EXIF turned
 CACHE_MODES = ("auto", "on", "off")
 AUTO_LIMIT_BYTES = 4 << 30
 BUILD_BATCH = 256

@@ -1,7 +1,22 @@
 """Image folders: ``--data imagefolder:DIR`` with ``DIR/train/<class>/*`` and optional ``test/`` and ``val/``.
 
-Images (PNG, JPEG, BMP, WebP) are decoded to 8 bits per channel (16-bit grayscale PNGs are scaled,
-v * 255 / 65535 rounded, so a 16-bit image gives the picture of its 8-bit version) lazily, never all held in memory: once per split into the
+Images (PNG, JPEG, BMP, WebP, GIF, TIFF) are decoded to 8 bits per channel lazily, never all held in
+memory. What a file gives, the same whether it is decoded every epoch or read from the cache (both
+decode through ``Transform.decode``):
+
+- the picture as a viewer shows it: an EXIF orientation (phone photos) is applied, also to the size
+  the images must agree on;
+- ``--channels 1``: PIL's luminance (L = 0.299 R + 0.587 G + 0.114 B); ``3``: RGB, a grey image repeated;
+  CMYK through PIL's conversion (no colour profile); 1-bit images as 0 and 255;
+- alpha (RGBA, LA, a palette's transparent colour) is dropped: the colour stored under each pixel is
+  kept, as PIL's ``convert`` and torchvision's loader give it;
+- 16-bit grayscale PNGs are scaled, v * 255 / 65535 rounded (the picture of its 8-bit version);
+  32-bit float images (TIFF mode F) and integers beyond 16 bits have no agreed 8-bit scale and are
+  unreadable images (an error, or skipped with --skip-bad-images);
+- animated GIFs and WebPs: the first frame.
+
+The channel count, when not given, is 1 only if every sampled image is grey (1-bit, L, LA, 16-bit).
+Decoding happens once per split into the
 decoded-image cache (data.decoded, ``--image-cache``) when it is on, then read memory-mapped; else one
 sample at a time, by a DataLoader's worker processes in training. Classes are the sorted folder names of
 ``train/`` and must be the same in every split. Without ``val/`` (or ``test/``) a seeded,
@@ -25,9 +40,10 @@ import numpy as np
 from ..core.errors import ConfigError, EdgekdError, MissingFileError, WorkerFailure
 from . import decoded
 from .decoded import normalized
+from .pixels import UnsupportedImage, eight_bit, is_gray, shown_size, upright  # noqa: F401
 from .splits import split_indices
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 AUGMENTS = ("crop+flip", "flip", "none")
 CROP_SCALE, CROP_RATIO = (0.35, 1.0), (3 / 4, 4 / 3)
 
@@ -64,10 +80,12 @@ class Transform:
         from PIL import Image
 
         with Image.open(path) as im:
-            return self.pixels(im, rng, path)
+            return self.pixels(upright(im), rng, path)
 
     def pixels(self, im, rng: np.random.Generator | None = None, path: str = "") -> np.ndarray:
         """An open PIL image through this geometry, uint8 (C, H, W)."""
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")  # the same colours; PIL warns when a palette's transparency is dropped
         im = eight_bit(im).convert("L" if self.channels == 1 else "RGB")
         if rng is not None and self.augment == "crop+flip":
             im = _random_resized_crop(im, self.size, rng)
@@ -86,17 +104,6 @@ class Transform:
     def describe(self) -> dict:
         return {"resize_shorter_side": self.resize, "center_crop": list(self.size), "channels": self.channels,
                 "scale": "1/255", "normalize": {"mean": self.mean, "std": self.std}}
-
-
-def eight_bit(im):
-    """A 16-bit grayscale image (PNG's ``I;16``, or mode ``I``, as older Pillow reads 16-bit PNGs) scaled to
-    8 bits, v * 255 / 65535 rounded (PIL's convert would clip every value above 255); others as they are."""
-    from PIL import Image
-
-    if not im.mode.startswith("I"):
-        return im
-    a = np.asarray(im).astype(np.int64)
-    return Image.fromarray(np.clip((a * 255 + 32767) // 65535, 0, 255).astype(np.uint8), "L")
 
 
 def _resize_center_crop(im, shorter: int, size: tuple[int, int]):
@@ -202,6 +209,8 @@ class FolderSplit:
             return transform(self.files[i], rng)
         except EdgekdError:
             raise
+        except MemoryError:  # the machine's limit, not the file's fault: never skipped as a bad image
+            raise ConfigError(*out_of_memory(self.files[i], transform)) from None
         except Exception as e:  # PIL's UnidentifiedImageError, OSError (truncated), ...
             return self._unreadable(i, e)
 
@@ -243,6 +252,8 @@ class _Decode:
     def __call__(self, i: int):
         try:
             return WorkerFailure.catching(lambda: self.transform.decode(self.files[i]))
+        except MemoryError:
+            return WorkerFailure(*out_of_memory(self.files[i], self.transform))
         except Exception as e:
             if self.skip_bad:
                 return None
@@ -253,6 +264,13 @@ def unreadable(path: str, e: Exception | None) -> tuple[str, str]:
     """The (message, hint) of an image that cannot be decoded."""
     why = f"{type(e).__name__}: {e}" if e is not None else "it could not be decoded"
     return f"cannot read image {path}: {why}", "remove or fix the file, or pass --skip-bad-images"
+
+
+def out_of_memory(path: str, transform: Transform) -> tuple[str, str]:
+    """The (message, hint) when decoding ``path`` ran out of memory."""
+    h, w = transform.size
+    return (f"out of memory decoding image {path} to {transform.channels} x {h} x {w}",
+            "pass a smaller --image-size, or fewer --workers")
 
 
 def _as_image(pixels: np.ndarray):
@@ -307,10 +325,10 @@ def probe(files: list[str], options: FolderOptions) -> tuple[int, tuple[int, int
         try:
             with Image.open(path) as im:
                 modes.add(im.mode)
-                sizes.add(im.size)
+                sizes.add(shown_size(im))
         except Exception:
             continue  # reported when decoded (or skipped with --skip-bad-images)
-    gray = all(m in ("L", "1", "F") or m.startswith("I") for m in modes)  # I, I;16, I;16B: 16-bit grayscale
+    gray = all(is_gray(m) for m in modes)
     channels = options.channels or (1 if gray and modes else 3)
     if options.image_size:
         return channels, (options.image_size, options.image_size)

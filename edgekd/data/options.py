@@ -8,12 +8,19 @@ did; ``workers`` and ``image_cache`` are left out (they change how fast, not wha
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 
 from ..core.errors import ConfigError
 
 HOW_FAST = ("workers", "image_cache")  # change how fast the data is read, not what: not recorded
 FOLDER_ONLY = ("image_size", "channels", "skip_bad_images")  # meaningless for arrays held in memory
+MAX_IMAGE_SIZE = 4096  # --image-size: one 4096 x 4096 RGB sample is 200 MB as float32 already
+WORKERS_PER_CPU = 4  # --workers: at most this many decoding processes per CPU (8 at least)
+
+
+def max_workers() -> int:
+    return max(8, WORKERS_PER_CPU * (os.cpu_count() or 1))
 
 
 @dataclass
@@ -25,6 +32,19 @@ class DataOptions:
     workers: int = 2  # folders: DataLoader worker processes decoding images
     skip_bad_images: bool = False  # folders: skip and count unreadable images instead of stopping
     image_cache: str = "auto"  # folders: the decoded-image cache, auto | on | off (data.decoded)
+
+    def check_bounds(self) -> None:
+        """Sizes that would exhaust the machine before the first image: an --image-size whose samples
+        do not fit in memory, more --workers processes than the CPUs could ever keep busy."""
+        size = self.image_size
+        if isinstance(size, int) and not isinstance(size, bool) and size > MAX_IMAGE_SIZE:
+            raise ConfigError(f"--image-size {size} is larger than {MAX_IMAGE_SIZE} (one {size} x {size} image "
+                              f"would take {3 * 4 * size * size / 2**30:.1f} GiB as float32)",
+                              f"pass --image-size {MAX_IMAGE_SIZE} or less")
+        workers, most = self.workers, max_workers()
+        if isinstance(workers, int) and not isinstance(workers, bool) and workers > most:
+            raise ConfigError(f"--workers {workers} is more than {most} ({WORKERS_PER_CPU} decoding processes per "
+                              f"CPU, {os.cpu_count() or 1} CPUs here)", f"pass --workers {most} or less")
 
     def record(self) -> dict:
         """What the run's metadata keeps (everything that decides the pixels the model sees)."""

@@ -30,6 +30,9 @@ from .features import LOGITS, Feats
 from .teachers import Teachers
 
 LOSSES: Registry = Registry("distillation method")
+# the largest weight of a term in the sum, and of a weight inside a term (dkd's beta, rkd's angle_weight): the
+# papers' largest is 1000 (at); 1e308 overflows the loss to inf at the first step
+MAX_WEIGHT = 1e6
 
 
 def _f(value) -> float:
@@ -49,8 +52,11 @@ def kd_temperature(default: float):
 
 
 def nonnegative(default: float):
-    """A weight inside a term: >= 0 (and finite, as every number)."""
-    return bounded(default, lo=0)
+    """A weight inside a term: >= 0 (and finite, as every number), and at most MAX_WEIGHT (worded
+    apart, so that a negative weight still reads "must be >= 0")."""
+    spec = bounded(default, lo=0)
+    spec.metadata = {**spec.metadata, "at_most": MAX_WEIGHT}
+    return spec
 
 
 def method_name(cls) -> str:
@@ -72,6 +78,9 @@ def check_params(term) -> None:
             op.check_number(op.Opt(f.name, f.default, (int, float), "", **bounds), value, label)
         except ConfigError as e:
             raise ConfigError(e.message, hint) from None
+        most = f.metadata.get("at_most")
+        if most is not None and value > most:
+            raise ConfigError(f"{label} must be at most {most:.0f}, got {op.shown(value)}", hint)
 
 
 class Term(nn.Module):
@@ -114,7 +123,8 @@ def make_loss(method: str, **params) -> Term:
     accepted = term_params(cls)
     bad = [k for k in params if k not in accepted]
     if bad:
-        raise ConfigError(f"method {method!r} has no parameter {bad[0]!r}{suggest(bad[0], list(accepted))}",
+        raise ConfigError(f"method {method!r} has no parameter {op.shown(bad[0], 60)}"
+                          f"{suggest(str(bad[0])[:100], list(accepted))}",
                           f"its parameters: {', '.join(accepted) or 'none'}")
     return cls(**params)  # its numbers are checked as it is built (check_params), not mid-training
 
@@ -164,7 +174,9 @@ class Objective(nn.Module):
         return cls(terms)
 
     @classmethod
-    def from_specs(cls, specs: list[dict], where: str = "loss term") -> "Objective":
+    def from_specs(cls, specs: list[dict], where: str = "loss term", whole: bool = True) -> "Objective":
+        """The objective of a recipe's terms; ``whole``: ``specs`` are all of them (the weights of
+        each training stage must not all be 0), not one checked alone."""
         terms = []
         for spec in specs:
             spec = dict(spec)
@@ -173,8 +185,13 @@ class Objective(nn.Module):
             term = make_loss(name, **spec)
             if weight is not None and not (_is_number(weight) and op.finite(weight) and weight >= 0):
                 raise ConfigError(f"{where} {name!r}: weight must be a finite number >= 0, got {op.shown(weight)}")
+            if weight is not None and weight > MAX_WEIGHT:  # 1e308 twice: a loss of inf at the first step
+                raise ConfigError(f"{where} {name!r}: weight must be at most {MAX_WEIGHT:.0f}, got {op.shown(weight)}")
             terms.append((name, float(term.weight if weight is None else weight), term))
-        return cls(terms)
+        out = cls(terms)
+        if whole:
+            _check_weights(out)
+        return out
 
     @property
     def needs_teacher(self) -> bool:
@@ -260,12 +277,29 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _check_weights(objective: Objective) -> None:
+    """Refuse an objective whose terms of one training stage all weigh 0: the student would be trained
+    on a loss of 0 (nothing learned, no error) for that stage (the first stage: fsp; then the rest)."""
+    first = [w for _, w, t in objective.terms if t.first_stage]
+    rest = [w for _, w, t in objective.terms if not t.first_stage]
+    for weights, what in ((first, "of the first stage (fsp) "), (rest, "")):
+        if weights and not any(weights):
+            which = "the only [[loss]] term has" if len(objective.terms) == 1 else \
+                f"every [[loss]] term {what}has"
+            raise ConfigError(f"{which} weight 0: the student would train on a loss of 0 and learn nothing",
+                              "give at least one term a weight > 0 (e.g. name = \"ce\", weight = 1)")
+
+
 def check_terms(terms: list[dict], source: str) -> None:
-    """Check a recipe's ``[[loss]]`` tables: a known name, known keys, valid values."""
+    """Check a recipe's ``[[loss]]`` tables: a known name, known keys, valid values, and not every
+    weight 0."""
     for i, term in enumerate(terms):
         where = f"{source}: [[loss]] #{i + 1}"
         if "name" not in term:
             raise ConfigError(f"{where} has no 'name'", f"methods: {', '.join(LOSSES.names())}")
+        if not isinstance(term["name"], str):
+            raise ConfigError(f"{where}: name must be a method name (a string), got {op.shown(term['name'])}",
+                              f"methods: {', '.join(LOSSES.names())}")
         cls = LOSSES.get(term["name"])
         allowed = ["name", "weight", *term_params(cls)]
         for key in term:
@@ -273,8 +307,13 @@ def check_terms(terms: list[dict], source: str) -> None:
                 raise ConfigError(f"{where} ({term['name']}): unknown key {key!r}{suggest(key, allowed)}",
                                   f"its keys: {', '.join(allowed)}")
         try:
-            Objective.from_specs([term], where)  # values are checked by the term itself
+            Objective.from_specs([term], where, whole=False)  # values are checked by the term itself
         except ConfigError as e:
             if e.message.startswith(where):
                 raise
             raise ConfigError(f"{where}: {e.message}", e.hint) from None
+    if terms:
+        try:
+            _check_weights(Objective.from_specs(terms, source, whole=False))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e.message}", e.hint) from None

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..core.errors import CheckpointError, IncompatibleError, MissingFileError
 from ..config.options import MAX_SEED, shown
-from .safefile import check_safetensors, check_state
+from .safefile import check_safetensors, check_state, check_values
 from .specs import build_model, check_trusted
 
 MAX_CLASSES = 2**20  # a head larger than this is a damaged file, not a model
@@ -36,11 +36,7 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint",
     """Load a checkpoint without executing code: edgekd/.pt via weights_only, or .safetensors.
     ``what`` and ``missing_fix`` word the error for a path that is a folder or is missing."""
     path = Path(path)
-    if path.is_dir():
-        raise MissingFileError(f"{what} {path} is a directory, not a file",
-                               "pass the file inside it (edgekd writes model.pt or student.pt)")
-    if not path.is_file():
-        raise MissingFileError(f"{what} not found: {path}", missing_fix)
+    check_input(path, what, missing_fix)
     if path.suffix == ".safetensors":
         return {"format": "safetensors", "meta": {}, "state_dict": check_state(_load_safetensors(path), path)}
     try:
@@ -48,13 +44,7 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint",
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "WeightsUnpickler error" not in str(e):
-            raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch file or corrupt") from None
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"a pickled object ({found.group(1)})" if found else "pickle opcodes that are not plain tensors"
-        raise CheckpointError(f"refusing to load {path}: the safe loader found {what} (a pickle payload, "
-                              "or a corrupt file)",
-                              "re-save it as a state_dict or .safetensors") from None
+        raise _refused(path, str(e)) from None
     except Exception as e:  # truncated or not a torch file
         detail = " ".join(str(e).split()).split(". ")[0][:160]  # torch's first sentence, not its advice
         raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch file "
@@ -72,6 +62,34 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint",
     raise CheckpointError(f"{path} is not a state_dict or an edgekd checkpoint",
                           f"save model.state_dict() (or a dict holding it under one of {', '.join(WRAPPERS)}), "
                           "or .safetensors")
+
+
+def check_input(path: Path, what: str = "checkpoint",
+                missing_fix: str = "check the path, or train one with 'edgekd train'") -> None:
+    """One MissingFileError unless ``path`` is a regular file: a folder, nothing, or what else it is
+    (a FIFO, a device, a link that loops: never opened)."""
+    from ..core import inputfile
+
+    found = inputfile.kind(path)
+    if found == inputfile.DIRECTORY:
+        raise MissingFileError(f"{what} {path} is a directory, not a file",
+                               "pass the file inside it (edgekd writes model.pt or student.pt)")
+    if found == inputfile.MISSING:
+        raise MissingFileError(f"{what} not found: {path}", missing_fix)
+    if found != inputfile.FILE:
+        raise MissingFileError(f"{what} {path} is {found}, not a regular file", "pass a .pt or .safetensors file")
+
+
+def _refused(path: Path, error: str) -> CheckpointError:
+    """The error for a file the safe (weights-only) unpickler refused: a pickle payload names the
+    object it would have built (torch words this "Weights only load failed ... GLOBAL posix.system"
+    or "WeightsUnpickler error"); anything else the unpickler cannot read is a corrupt file."""
+    if "WeightsUnpickler error" not in error and "Weights only load failed" not in error:
+        return CheckpointError(f"cannot read checkpoint {path}: not a PyTorch file or corrupt")
+    found = re.search(r"GLOBAL ([\w.]+)", error)
+    what = f"a pickled object ({found.group(1)})" if found else "pickle opcodes that are not plain tensors"
+    return CheckpointError(f"refusing to load {path}: the safe loader found {what} (a pickle payload, "
+                           "or a corrupt file)", "re-save it as a state_dict or .safetensors")
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -101,6 +119,7 @@ def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
         raise CheckpointError(f"checkpoint {source} does not fit the architecture: {k} has shape {got}, "
                               f"the model expects {want} ({len(wrong)} mismatched tensors)",
                               "build the same architecture, dataset classes and input channels it was trained with")
+    check_values(own, state_dict, f"checkpoint {source}")
     try:  # strict: Brevitas's own loaders accept the scale parameters it creates lazily
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:

@@ -113,3 +113,24 @@ def check_state(state, path) -> dict:
             raise CheckpointError(f"{path}: tensor {shown(key, 60)} is a {layout} tensor, not a dense one",
                                   "save the float model's state_dict (dense tensors)")
     return state
+
+
+def check_values(own: dict, state: dict, source) -> None:
+    """Tensors of ``state`` that would load into ``own``'s float ones without complaint but give a
+    broken model: integer, boolean or complex ones (silently cast: a teacher near chance, the
+    imaginary part dropped), NaN or infinite values (every output NaN: a teacher at 10%, a student
+    whose loss is NaN at its first step), a negative BatchNorm variance (its square root is NaN)."""
+    for key, target in own.items():
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor) or not target.is_floating_point():
+            continue
+        name = shown(key, 60)
+        if not value.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name} is {str(value.dtype).removeprefix('torch.')}, the model's "
+                                  f"is {str(target.dtype).removeprefix('torch.')}", "save the float model's state_dict")
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values (weights of a run whose "
+                                  "loss diverged, or a damaged file)", "use weights saved before the loss became NaN")
+        if key.endswith("running_var") and value.numel() and bool((value < 0).any()):
+            raise CheckpointError(f"{source}: tensor {name} (a BatchNorm variance) holds negative values",
+                                  "use the file as the training saved it")

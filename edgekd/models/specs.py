@@ -53,7 +53,13 @@ def check_trusted(spec, source: str, how: str, trusted: bool) -> None:
 def split_weights(spec: str) -> tuple[str | None, str | None]:
     """(architecture, weights file) of a model spec: ``ARCH=WEIGHTS`` gives both, an existing file
     or a path-like spec (``.pt``, ``.pth``, ``.bin``, ``.safetensors``, a ``/``) only the file (an
-    edgekd checkpoint names its architecture), anything else only the architecture."""
+    edgekd checkpoint names its architecture), anything else only the architecture. An empty spec
+    is an error (Path("") is the current directory: it would read as a file)."""
+    if not isinstance(spec, str) or not spec.strip():
+        from ..config.options import shown
+
+        raise ConfigError(f"model spec {shown(spec)} is empty: it names no architecture and no file",
+                          "give a built-in name (e.g. cnnfc-student), torchvision:NAME, module:callable or a checkpoint")
     if Path(spec).exists() or ("=" not in spec and (spec.endswith(WEIGHT_SUFFIXES) or "/" in spec)):
         return None, spec
     arch, sep, weights = spec.partition("=")

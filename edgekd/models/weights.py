@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core.errors import CheckpointError
+from .safefile import check_values
 
 WRAPPERS = ("state_dict", "model", "model_state_dict", "net", "module")
 PREFIXES = ("module.", "_orig_mod.")
@@ -126,6 +127,7 @@ def apply_weights(model: nn.Module, state: dict, source: str, new_head: bool = F
         state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
         state.update({k: v for k, v in own.items() if k.startswith(head_prefix)})
     _check_fit(own, state, source, stem, head)
+    check_values(own, state, source)
     state.update({k: v for k, v in own.items() if k not in state and k.endswith("num_batches_tracked")})
     try:
         model.load_state_dict(state, strict=True)

@@ -9,11 +9,12 @@ backend it is talking to.
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from pathlib import Path
 
 from .. import __version__
+from ..core import jsonfile
 from ..core.errors import EdgekdError, IncompatibleError
 from ..core.fsutil import BUNDLES_DIR, atomic_dir, check_output, write_json
 from ..config import options as op
@@ -124,8 +125,8 @@ def _layers(model) -> list[dict]:
 def retrain_command(run_dir: Path, target: str) -> str:
     """The ``edgekd distill`` line that trains the run again with ``target``'s conventions."""
     try:
-        recipe = json.loads((Path(run_dir) / "recipe.json").read_text())
-    except (OSError, ValueError):
+        recipe = jsonfile.read(Path(run_dir) / "recipe.json", 1 << 20)
+    except (OSError, ValueError):  # unreadable, not JSON, too large or nested too deeply: no recipe
         recipe = {}
     parts = ["edgekd distill"]
     for key in ("data", "student", "weight_bits", "act_bits", "method", "epochs", "float_epochs"):
@@ -168,7 +169,7 @@ def compile_bundle(bundle_dir: str | Path | None, profile: str | None = None, lo
     """Build a bundle's artifact on this device where its backend needs that (TensorRT engines), check
     it against the PyTorch logits saved at export, and update the manifest. Never imports torch."""
     from ..backends import backend_names, get_backend
-    from ..bundle import check_parity, file_hashes, read_manifest, resolve_bundles, verify_files
+    from ..bundle import check_parity, read_manifest, resolve_bundles, verify_files
     from ..catalog import Tolerance, load_profile
 
     path = resolve_bundles([bundle_dir] if bundle_dir else [])[0]
@@ -180,7 +181,9 @@ def compile_bundle(bundle_dir: str | Path | None, profile: str | None = None, lo
                           "bench it directly with `edgekd bench`")
     manifest["model_file"] = "model.onnx"  # build from the ONNX graph even if an artifact exists
     verify_files(path, manifest)
+    _check_compile_inputs(path, manifest, backend)
     prof = load_profile(profile) if profile else None
+    before = _entries(path)
     updates = backend.compile_on_device(path, manifest, prof, log)
     report = updates.get("parity") or updates.get("engine_parity")
     if report is not None:
@@ -188,6 +191,35 @@ def compile_bundle(bundle_dir: str | Path | None, profile: str | None = None, lo
             f"max abs diff {report['max_abs_diff']:.3g}")
         minimum = (manifest.get("tolerance") or {}).get("min_top1_agreement", 0.99)
         check_parity(report, Tolerance(min_top1_agreement=minimum), f"the {manifest['backend']} artifact")
-    manifest |= updates | {"files": file_hashes(path)}
+    manifest |= updates | {"files": _compiled_files(path, manifest["files"], before)}
     write_json(path / "manifest.json", manifest)
     return manifest | {"bundle_dir": str(path)}
+
+
+def _check_compile_inputs(path: Path, manifest: dict, backend) -> None:
+    """What compile would write is edgekd's: the manifest's backend options pass the backend's schema
+    (a timing cache named ``../x`` is never written outside the bundle), and no file compile writes
+    (``backend.device_files``) is there unless the manifest lists it (a user's file is never replaced)."""
+    from ..catalog.schema import check_options
+
+    options = manifest.get("backend_options") or {}
+    check_options(options, manifest["backend"], f"{path / 'manifest.json'} backend_options")
+    for name in backend.device_files:
+        if os.path.lexists(path / name) and name not in manifest["files"]:
+            raise EdgekdError(f"{path} holds {name}, which edgekd did not write (compile would replace it)",
+                              f"move {name} away and compile again")
+
+
+def _entries(path: Path) -> set:
+    return set(os.listdir(path))
+
+
+def _compiled_files(path: Path, listed: dict, before: set) -> dict:
+    """The manifest's ``files`` after compile: what it listed and what compile wrote (regular files
+    that were not there before it, and its ``device_files``), hashed. A file of the user's that was in
+    the folder before is never listed: listing it would make edgekd delete it with the bundle."""
+    from ..bundle import file_hashes
+    from ..core.staging import STAGED
+
+    new = {n for n in _entries(path) - before if not STAGED.fullmatch(n)}
+    return file_hashes(path, keep=set(listed) | new)

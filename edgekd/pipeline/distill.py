@@ -14,13 +14,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..config import options as op
-from ..config.options import DEFAULT_TEACHER, DistillOptions
+from ..config.options import DistillOptions
 from ..core.errors import CheckpointError, EdgekdError, IncompatibleError, MissingFileError
 from ..core.fsutil import RUN_FORMAT, RUNS_DIR, atomic_dir, check_output, check_partial, latest, write_json, write_text
 from .common import (Log, data_inputs, data_options, dataset_name, join_group, load_data, model_meta, options_dict,
                      quiet, slug)
 from .inputs import Objects, as_objects, export_model, make_student
-from .teachers import load_teacher_file, resolve_teachers, teacher_specs
+from .layers import list_layers  # noqa: F401  (distill --list-layers)
+from .teachers import resolve_teachers, teacher_specs
 
 
 def distill(opts: DistillOptions, out: Path | None = None, log: Log = quiet, resume: bool = False,
@@ -82,25 +83,29 @@ class _Plan:
     method: str
     out: Path
     student: object = None  # inputs.Student: how students are made, what the run records
+    auto: object = None  # quant.autobits.AutoBits of --bits auto (the spec is then chosen after the float phase)
 
 
 def _plan(opts: DistillOptions, out: Path | None, log: Log, asks: _Asks, resume: bool = False) -> _Plan:
     """Check everything a typo or a bad combination can break, before any teacher trains: options,
     recipe, target and bits, the objective, the output path, the data, and that the student traces."""
     from .. import models, quant
-    from ..quant import layerbits
+    from ..config import budget as auto_budget
+    from ..quant import autobits, layerbits
     from ..training import schemes
     from ..training.checkpoint import partial_dir
 
     opts = with_recipe(opts, asks.trust_code)
     op.validate(opts)
+    budget = auto_budget.request(opts)  # --bits auto and its budget: each mistake one line, before anything
     order = schemes.resolve_order(opts.order, opts.float_epochs)
     schemes.SCHEMES.get(opts.scheme)
     target, spec = quant_spec(opts, log)
     new_objective = objective_factory(opts)
     method = opts.method if not opts.loss else new_objective().name
     name = slug(dataset_name(opts.data), models.split_weights(opts.student)[0] or Path(opts.student).stem,
-                spec.label.lower(), *(["mixed"] if spec.layer_bits else []), method,
+                f"autoa{spec.act_bits}" if budget else spec.label.lower(),
+                *(["mixed"] if spec.layer_bits else []), method,
                 *([opts.scheme] if opts.scheme != "offline" else []))
     out = Path(out) if out else RUNS_DIR / name
     teacher_files = [models.split_weights(t)[1] for t in teacher_specs(opts.teacher) if t]
@@ -113,10 +118,12 @@ def _plan(opts: DistillOptions, out: Path | None, log: Log, asks: _Asks, resume:
     student = make_student(opts.student, data, asks.objects.student, log, asks.trust_code)
     quant.trace(student.model)  # an untraceable student fails in seconds, not after the teacher
     layerbits.check(student.model, spec)  # a --layer-bits pattern naming no layer too
-    opts = replace(opts, order=order, epochs=op.qat_epochs(opts.epochs, spec.weight_bits, spec.act_bits),
-                   qat_temperature=op.qat_temperature(opts, spec.weight_bits, spec.act_bits))
-    return _Plan(opts, order, target, spec, new_objective, data, student.model, method, out,
-                 student)
+    auto = autobits.from_options(opts, budget, student, spec, target, order, asks.objects.student is not None) \
+        if budget else None  # a budget the narrowest widths cannot meet: stops here
+    low = min(autobits.widths(target)) if auto else spec.weight_bits  # (auto: until the bits are chosen)
+    opts = replace(opts, order=order, epochs=op.qat_epochs(opts.epochs, low, spec.act_bits),
+                   qat_temperature=op.qat_temperature(opts, low, spec.act_bits))
+    return _Plan(opts, order, target, spec, new_objective, data, student.model, method, out, student, auto)
 
 
 def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool, asks: _Asks,
@@ -139,6 +146,8 @@ def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool, ask
     objective = plan.new_objective()
     lines = list(plan.student.notes)  # log.txt: what was logged while planning, then the rest
     logf = lambda s: (lines.append(s), log(s))  # noqa: E731
+    for line in plan.auto.notes() if plan.auto else []:
+        logf(line)
     teacher, teacher_acc, teacher_src = None, None, None
     if (objective.needs_teacher and opts.scheme != "dml") or opts.scheme == "assistant":
         teacher, teacher_acc, teacher_src = resolve_teachers(opts, plan.data, logf, asks.trust_code,
@@ -149,8 +158,11 @@ def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool, ask
     run = schemes.Run(opts=opts, data=plan.data, spec=plan.spec, new_objective=plan.new_objective,
                       teacher=teacher, log=logf, checkpoints=checkpoints,
                       history=History(board.epoch if board is not None else None), new_student=plan.student.factory,
-                      pretrained=plan.student.weights is not None)
+                      pretrained=plan.student.weights is not None, auto_bits=plan.auto)
     result = schemes.SCHEMES.get(opts.scheme)(run)
+    if plan.auto is not None:  # the bits and QAT epochs chosen after the float phase
+        spec = result.student.edgekd_spec
+        plan = replace(plan, opts=replace(run.opts, weight_bits=spec.weight_bits), spec=spec)
     student_acc = accuracy(result.student, plan.data.test, sharded=True)
     logf(f"{plan.spec.label} student test accuracy (fake-quant, PyTorch) {student_acc:.4f}")
     if plan.data.bad_images():
@@ -206,7 +218,8 @@ def _write_run(plan: _Plan, result, metrics: dict, lines: list[str], log: Log = 
         "quant": spec.to_dict(), "target": plan.target.name, "init_weights": plan.student.weights}
     recipe = asdict(opts) | {"float_epochs": result.float_epochs, "qat_lr": result.qat_lr,
                              "target": plan.target.name, "order": plan.order, "loss": metrics["loss"],
-                             **layerbits.record(result.student, log)}
+                             **layerbits.record(result.student, log),
+                             **({"auto_bits": plan.auto.record} if plan.auto is not None else {})}
     recipe.pop("progress")
     with atomic_dir(plan.out) as tmp:
         models.save_checkpoint(tmp / "student.pt", result.student.state_dict(), meta)
@@ -299,30 +312,6 @@ def quant_spec(opts: DistillOptions, log: Log):
                                 + "; ".join(f["message"] for f in errors),
                                 "; ".join(f["suggestion"] for f in errors if f["suggestion"]) or None)
     return target, spec
-
-
-def list_layers(opts: DistillOptions, trust_code: bool = False) -> dict:
-    """The layer names feature terms can use: the student's (those that run both in float and
-    quantized at the run's bits) and the teacher's (its first ``--teacher``)."""
-    import torch
-
-    from .. import models, quant
-    from ..kd.features import layer_table
-
-    opts = with_recipe(opts, trust_code)
-    data = load_data(opts.data, opts.seed, data_options(opts))
-    _, spec = quant_spec(opts, quiet)
-    x = torch.from_numpy(data.train.take(range(2)))
-    student = make_student(opts.student, data, trust_code=trust_code).model
-    qnames = {r["name"] for r in layer_table(quant.quantize(student, spec), x)}
-    rows = [r for r in layer_table(student, x) if r["name"] in qnames]
-    first = teacher_specs(opts.teacher)[0]
-    arch, file = models.split_weights(first) if first else (DEFAULT_TEACHER, None)
-    if file is not None:
-        teacher = load_teacher_file(first, data, trust_code)[0]
-    else:  # an architecture: an untrained copy has the same layers
-        teacher = models.build_model(arch, data.num_classes, data.input_shape)
-    return {"student": rows, "teacher": layer_table(teacher, x)}
 
 
 # --- reading a run back -----------------------------------------------------------------------------

@@ -60,10 +60,16 @@ def read_test_split(meta: dict, torch_data=None):
 
 
 def _same_classes(data, meta: dict):
-    """``data`` when its classes are the run's (so every test label is one of the model's outputs)."""
+    """``data`` when its classes and input shape are the run's (so every test label is one of the
+    model's outputs, and the samples are the size it was trained on: a model with adaptive pooling
+    would take other sizes and give an accuracy that means nothing)."""
     if list(data.classes) != list(meta["classes"]):
         raise EdgekdError(f"the classes of {meta['dataset']} are not the run's any more ({len(data.classes)} now, "
                           f"{len(meta['classes'])} in the run)", "export with the data the student was distilled with")
+    shape, trained = list(data.input_shape), list(meta.get("input_shape") or data.input_shape)
+    if shape != trained:
+        raise EdgekdError(f"the images of {meta['dataset']} are {'x'.join(map(str, shape))} now, the run was trained "
+                          f"on {'x'.join(map(str, trained))}", "export with the data the student was distilled with")
     return data
 
 

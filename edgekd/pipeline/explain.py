@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.options import shown
+from ..core import inputfile
 from ..core.errors import EdgekdError, MissingFileError
 from .common import Log, quiet
 
@@ -38,6 +40,8 @@ def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, ru
         raise EdgekdError(f"--samples must be an integer between {MIN_SAMPLES} and {MAX_SAMPLES}, got {samples!r}")
     bundle, manifest, run = _resolve(source, run_dir)
     qmodel, meta = load_student(run, student, trust_code)
+    if bundle is not None:
+        _check_same_student(bundle, manifest, run, meta)
     x = _samples(bundle, manifest, meta, samples)
     log(f"explaining {bundle or run}: {len(x)} test samples, {len(layerbits.compute_nodes(qmodel))} layers")
     rows, extra = sensitivity.layer_errors(qmodel, torch.from_numpy(x))
@@ -57,7 +61,7 @@ def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, ru
 
 def _resolve(source, run_dir) -> tuple[Path | None, dict | None, Path]:
     """(bundle dir or None, its manifest, the run dir) of what ``explain`` was given."""
-    from ..bundle import read_manifest, resolve_bundles
+    from ..bundle import read_manifest, resolve_bundles, verify_files
     from .distill import find_run
 
     if source is None:
@@ -69,17 +73,62 @@ def _resolve(source, run_dir) -> tuple[Path | None, dict | None, Path]:
     if not path.exists():
         raise MissingFileError(f"no such bundle or run: {path}", "pass a directory written by 'edgekd export' or "
                                                                   "'edgekd distill'")
+    found = inputfile.special(path / "manifest.json")
+    if found:  # a FIFO would block the read; never opened
+        raise EdgekdError(f"corrupt bundle: {path / 'manifest.json'} is {found}, not a regular file",
+                          "re-export the bundle")
     if not (path / "manifest.json").is_file():
         return None, None, find_run(path)
     manifest = read_manifest(path)
     if manifest.get("format") == "fp32" or not manifest.get("quant"):
         raise EdgekdError(f"{path} is an fp32 bundle: nothing in it is quantized", "explain a quantized bundle or run")
+    verify_files(path, manifest)  # a damaged model.onnx or eval.npz: one line, not a protobuf traceback
+    if run_dir is not None:
+        if not (Path(run_dir) / "student.pt").is_file():
+            raise MissingFileError(f"--run {run_dir} is not a run directory (no student.pt in it)",
+                                   f"pass the run {path} was exported from (its manifest says "
+                                   f"{shown(manifest.get('run_dir'), 80)})")
+        return path, manifest, find_run(Path(run_dir))
     recorded = manifest.get("run_dir")
-    run = Path(run_dir) if run_dir else Path(recorded) if isinstance(recorded, str) else None
+    run = Path(recorded) if isinstance(recorded, str) and recorded else None
     if run is None or not (run / "student.pt").is_file():
-        raise MissingFileError(f"{path} was exported from run {recorded!r}, which is not there",
+        raise MissingFileError(f"{path} was exported from run {shown(recorded, 80)}, which is not there",
                                "pass the run directory with --run DIR")
     return path, manifest, find_run(run)
+
+
+def _check_same_student(bundle: Path, manifest: dict, run: Path, meta: dict) -> None:
+    """Refuse a run that is not the one the bundle was exported from (``--run`` naming another run, or
+    the run distilled again since): its runtime columns would compare two different students. The
+    manifest records the run's architecture, quantization spec and student accuracy; all must agree."""
+    import json
+
+    metrics_file = run / "metrics.json"
+    try:
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        metrics = {}
+    pairs = [("architecture", manifest.get("student"), meta.get("arch")),
+             *_quant_pairs(manifest.get("quant"), meta.get("quant"))]
+    ours, theirs = manifest.get("distill_student_accuracy"), metrics.get("student_accuracy") \
+        if isinstance(metrics, dict) else None
+    if isinstance(ours, float) and isinstance(theirs, float):
+        pairs.append(("student accuracy", ours, theirs))
+    differ = [f"{what} {shown(a, 60)} in the bundle, {shown(b, 60)} in the run" for what, a, b in pairs if a != b]
+    if differ:
+        raise EdgekdError(f"{bundle} was not exported from the student in {run}: {'; '.join(differ)}",
+                          f"pass the run it was exported from with --run (its manifest says "
+                          f"{shown(manifest.get('run_dir'), 80)}), or export {run} again")
+
+
+def _quant_pairs(bundle_spec, run_spec) -> list[tuple]:
+    """(what, the bundle's, the run's) for each field of the two quantization specs (older
+    checkpoints lack ``first_last_by``: they found first and last layers by shape); the whole specs
+    when one is not a table."""
+    if not (isinstance(bundle_spec, dict) and isinstance(run_spec, dict)):
+        return [("quantization spec", bundle_spec, run_spec)]
+    ours, theirs = {"first_last_by": "shape", **bundle_spec}, {"first_last_by": "shape", **run_spec}
+    return [(key, ours.get(key), theirs.get(key)) for key in dict.fromkeys([*ours, *theirs])]
 
 
 def _samples(bundle, manifest, meta, n: int) -> np.ndarray:

@@ -32,6 +32,12 @@ from .common import Log, dataset_name, quiet, slug
 # Options that decide what a cell's training produces: a resumed sweep must not mix them.
 RECIPE_KEYS = ("data", "target", "student", "teacher", "epochs", "float_epochs", "teacher_epochs", "seed",
                "data_options")
+# What the sweep decides, per cell (bits, method, seed) or from its own options: a --config recipe
+# setting one would override it unseen (recipe.apply fills what a cell leaves at its default: a cell
+# named bits8-hinton would train the recipe's bits or method), so a recipe may not.
+SWEEP_DECIDES = ("weight_bits", "act_bits", "method", "seed", "data", "target", "student", "teacher", "epochs",
+                 "float_epochs", "teacher_epochs", "layer_bits", "normalize", "image_size", "channels", "augment",
+                 "workers", "skip_bad_images", "image_cache")
 
 
 @dataclass
@@ -142,13 +148,16 @@ def run_sweep(opts: SweepOptions, log: Log = quiet, settings=None) -> SweepResul
         from ..config.layerbits import rules_from
 
         rules_from(list(opts.layer_bits))
+    check_models(opts)
+    config_digest = check_config(opts)
     target = catalog.load_target(opts.target)
     prof = catalog.load_profile(opts.profile) if opts.profile else None
     budgets = prof.budgets if prof else None
     settings = settings or bench.resolve_settings(prof)
     root = Path(opts.root) if opts.root else default_root(opts, target.name)
     check_output(root, "sweep", overwrite=opts.overwrite)
-    check_recipe(root, opts.recipe() | {"target": target.name})
+    check_recipe(root, opts.recipe() | {"target": target.name}
+                 | ({"config_sha256": config_digest} if config_digest else {}))
     rows: list[dict] = []
     for cell in opts.cells():
         source = _source(cell, opts, root)
@@ -178,11 +187,82 @@ def check_lists(opts: SweepOptions) -> None:
     for method in opts.methods:  # a misspelt method is a usage error, not one error row per cell
         if not isinstance(method, str):
             raise EdgekdError(f"--methods takes method names, got {op.shown(method)}")
+        if method == "fp32":  # a baseline cell, but not a method: alone it made a sweep of no cell
+            raise EdgekdError("--methods lists fp32, which is not a method", "add the fp32 reference with --reference")
         if method not in BASELINES:
             LOSSES.get(method)
+    if not [m for m in opts.methods if m not in BASELINES] and ("ptq" in opts.methods or opts.reference):
+        raise EdgekdError(f"{'ptq' if 'ptq' in opts.methods else '--reference'} takes the float student of a "
+                          "trained method, and --methods lists none", "add one, e.g. --methods none,ptq")
     for seed in opts.seeds or ():
         op.check("seed", seed, "every seed of --seeds")
     op.check("seed", opts.seed, "--seed")
+
+
+def check_models(opts: SweepOptions) -> None:
+    """The student and teacher specs, before any cell: empty, an unknown built-in name or a weights file
+    that is not there is one usage error, not an error row per cell."""
+    from .. import models
+    from .teachers import teacher_specs
+
+    arch, file = models.split_weights(opts.student)
+    if file is not None:
+        models.check_input(Path(file), "student weights file", "check the path in --student ARCH=WEIGHTS")
+        _no_code_named(arch, file, "--student")
+    elif ":" not in arch:
+        models.ARCHS.get(arch)
+    for spec in teacher_specs(opts.teacher):
+        arch, file = models.split_weights(spec) if spec is not None else (None, None)
+        if file is not None:
+            models.check_input(Path(file), "teacher checkpoint")
+            _no_code_named(arch, file, "--teacher")
+
+
+def _no_code_named(arch: str | None, file: str, flag: str) -> None:
+    """A checkpoint given without its architecture (``--teacher FILE``) that names code: every cell
+    would refuse it (a sweep has no --trust-code), so the sweep refuses it once, before any work."""
+    from .. import models
+
+    if arch is not None:  # ARCH=FILE: the architecture named on the command line
+        return
+    named = models.load_checkpoint(file)["meta"].get("arch")
+    if models.names_code(named):
+        raise models.UntrustedCodeError(f"{file} names the model {op.shown(named, 80)}, which is code "
+                                        "(module:callable); a sweep runs no code a file names",
+                                        f"name it on the command line: {flag} {op.shown(named, 80)[1:-1]}={file}")
+
+
+def check_config(opts: SweepOptions) -> str | None:
+    """The sha256 of the --config recipe (recorded, so that a resume with an edited recipe is refused),
+    after checking it as distill would, before any cell: its values and terms, no code named in it
+    (a sweep has no --trust-code), no key the sweep decides (SWEEP_DECIDES, [[loss]] terms: the cells
+    take their method from --methods), its method parameters valid for every trained method."""
+    if not opts.config:
+        return None
+    import hashlib
+
+    from ..config import recipe
+    from ..kd import Objective
+    from ..models import check_trusted, split_weights
+    from .distill import parse_recipe
+
+    text = recipe.read(opts.config)
+    options, terms = parse_recipe(text, str(opts.config))
+    decided = [k for k in SWEEP_DECIDES if k in options] + (["[[loss]]"] if terms else [])
+    if decided:
+        raise EdgekdError(f"{opts.config} sets {', '.join(decided)}, which the sweep decides (per cell: bits, "
+                          "method and seed; the rest from its own options)",
+                          "remove them from the recipe and give them to edgekd sweep (--bits, --methods, "
+                          "--seeds, --layer-bits, ...)")
+    for arch in [split_weights(a)[0] for a in options.get("assistants") or []]:
+        check_trusted(arch, f"{opts.config}: assistants", f"--assistant {arch}", False)
+    for method in [m for m in opts.methods if m not in BASELINES]:
+        try:
+            Objective.single(method, **(options.get("params") or {}))
+        except EdgekdError as e:
+            raise EdgekdError(f"{opts.config}: params: {e.message} (the recipe's params go to every method "
+                              "of --methods)", e.hint) from None
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _source(cell: Cell, opts: SweepOptions, root: Path) -> Path | None:

@@ -172,9 +172,7 @@ def load_teacher_file(spec: str, data, trust_code: bool = False):
     if Path(file).is_dir():
         raise MissingFileError(f"teacher {file} is a directory, not a checkpoint file",
                                f"pass the checkpoint inside it, e.g. --teacher {Path(file) / 'model.pt'}")
-    if not Path(file).is_file():
-        raise MissingFileError(f"teacher checkpoint not found: {file}",
-                               "check the path, or train one with 'edgekd train'")
+    models.check_input(Path(file), "teacher checkpoint")  # missing, a FIFO, a device, a link loop
     if arch is not None:  # the architecture named here; the file's own metadata (if any) is not trusted for it
         return models.from_spec(spec, data.num_classes, data.input_shape, student=False).model, {}
     model, meta = models.load_model(file, expect_classes=data.num_classes, trust_code=trust_code)
@@ -211,10 +209,22 @@ def resolve_teachers(opts, data, log: Log, trust_code: bool = False, modules=Non
         measured.append((model, acc, src))
     if len(measured) == 1 and not opts.teacher_weights:
         return measured[0]
+    check_teacher_weights(opts.teacher_weights)
     model = Ensemble([m for m, _, _ in measured], opts.teacher_weights, opts.teacher_mix).eval()
     acc = accuracy(model, data.test)
     log(f"teacher ensemble of {len(measured)} ({opts.teacher_mix} averaged): test accuracy {acc:.4f}")
     return model, acc, "+".join(src for _, _, src in measured)
+
+
+def check_teacher_weights(weights) -> None:
+    """Ensemble weights whose sum a float holds (1e308 twice sums to inf: every target would be NaN)."""
+    import math
+
+    if weights and not math.isfinite(sum(float(w) for w in weights)):
+        from ..core.errors import ConfigError
+
+        raise ConfigError(f"the teacher weights {weights} sum past what a float holds",
+                          "give weights of sensible size, e.g. 1 and 2 (only their ratios matter)")
 
 
 NEAR_CHANCE = 1.5  # a teacher below NEAR_CHANCE / num_classes test accuracy teaches nothing
@@ -240,9 +250,18 @@ def check_teacher(acc: float, data, source: str, force: bool = False, log: Log =
 
 
 def teacher_specs(teacher) -> list[str | None]:
-    if teacher is None or isinstance(teacher, str):
-        return [teacher]
-    return list(teacher) or [None]
+    """The teacher specs of ``--teacher`` (None: the default teacher); each must be a non-empty model
+    spec (a recipe's ``teacher = [1]`` or ``teacher = ""`` is one error, not a traceback or the default)."""
+    specs = [teacher] if teacher is None or isinstance(teacher, str) else list(teacher) or [None]
+    for spec in specs:
+        if spec is not None and (not isinstance(spec, str) or not spec.strip()):
+            from ..config.options import shown
+            from ..core.errors import ConfigError
+
+            raise ConfigError(f"teacher must be a model spec (a checkpoint file, ARCH=WEIGHTS or an architecture), "
+                              f"got {shown(spec)}", "e.g. --teacher runs/teachers/NAME/model.pt, or leave it out "
+                                                    "to train the default teacher")
+    return specs
 
 
 def check_same_input(meta: dict, data, source: str) -> None:

@@ -88,12 +88,12 @@ def record(gm, x: torch.Tensor, names: set[str], batch: int = 256) -> dict[str, 
         def run_node(self, n):
             value = super().run_node(n)
             if n.name in names:
-                out.setdefault(n.name, []).append(_value(value).detach().float().numpy().copy())
+                out.setdefault(n.name, []).append(_value(value).detach().float().cpu().numpy().copy())
             return value
 
     for i in range(0, len(x), batch):
         logits = _Recorder(gm).run(x[i: i + batch])
-        out.setdefault("output", []).append(_value(logits).detach().float().numpy().copy())
+        out.setdefault("output", []).append(_value(logits).detach().float().cpu().numpy().copy())
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -153,3 +153,32 @@ def layer_errors(gm, x: torch.Tensor, batch: int = 256) -> tuple[list[dict], dic
 def worst_first(rows: list[dict], key: str = "logits_db") -> list[dict]:
     """``rows`` sorted by ``key`` ascending (lowest SQNR, the worst, first; exact comparisons last)."""
     return sorted(rows, key=lambda r: math.inf if r.get(key) is None else r[key])
+
+
+@torch.no_grad()
+def weight_noise(model, spec, widths, names, x: torch.Tensor, batch: int = 256) -> dict[str, dict[int, float]]:
+    """Per layer of ``names`` (module paths of float ``model``'s Conv / Linear layers) and width of
+    ``widths``: the error power at the logits, relative to the signal (10^(-SQNR/10); 0.0: exact), of
+    the model with only that layer's weights quantized at that width (activations and biases in float:
+    what the choice of that layer's weight bits alone does), on inputs ``x``. ``spec``: the conventions
+    (scaling, scale type) the weights are quantized with (quant.autobits)."""
+    from dataclasses import replace
+
+    from ..config.options import SAME
+    from .brevitas import quantize
+
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    x, out, ref, signal = x.to(device), {n: {} for n in names}, None, 1.0
+    for bits in widths:
+        gm = quantize(model, replace(spec, weight_bits=bits, first_last_bits=SAME, layer_bits=())).eval()
+        if ref is None:  # every width's model has the same float weights: one reference
+            with quantized_only(gm, set()):
+                ref = record(gm, x, set(), batch)["output"].astype(np.float64)
+            signal = float(np.sum(ref ** 2)) or 1.0
+        for node in layerbits.compute_nodes(gm):
+            if node.target in out:
+                with quantized_only(gm, {gm.get_submodule(node.target).weight_quant}):
+                    test = record(gm, x, set(), batch)["output"]
+                noise = float(np.sum((ref - test) ** 2)) / signal
+                out[node.target][bits] = noise if math.isfinite(noise) else math.inf
+    return out

@@ -21,79 +21,15 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.registry import Registry
+from .ensemble import Ensemble, MemberLogits, for_distillation  # noqa: F401  (also reached through here)
 
 SCHEMES: Registry = Registry("training scheme")
 ORDERS = ("joint", "float-first")
 PROGRESSIVE_BITS = (8, 4, 2)
-
-
-class Ensemble(nn.Module):
-    """Several teachers as one (weights normalized to sum 1).
-
-    Called, it is a classifier (its accuracy, a single output): ``mix="probs"`` (default) returns
-    log(sum_i w_i softmax(z_i)), whose softmax is the average of the members' distributions;
-    ``mix="logits"`` returns sum_i w_i z_i. To distill, the schemes run ``member_logits()`` instead and
-    the objective reads the members as a kd.Teachers, so that every term that softens (hinton, kd, dkd)
-    gets sum_i w_i softmax(z_i / T) at its own T: the average of the softened outputs, which
-    log(mix at T = 1) / T is not once T > 1. Features come from the first teacher.
-    """
-
-    def __init__(self, teachers: list[nn.Module], weights: list[float] | None = None, mix: str = "probs"):
-        super().__init__()
-        weights = list(weights or [1.0] * len(teachers))
-        if len(weights) != len(teachers) or min(weights) < 0 or sum(weights) <= 0:
-            raise ConfigError(f"{len(teachers)} teachers need as many non-negative weights, got {weights}",
-                              "pass one --teacher-weight per --teacher")
-        if mix not in ("probs", "logits"):
-            raise ConfigError(f"teacher mix must be 'probs' or 'logits', got {mix!r}")
-        self.members = nn.ModuleList(teachers)
-        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32) / sum(weights))
-        self.mix = mix
-
-    @property
-    def feature_source(self) -> nn.Module:
-        return self.members[0]
-
-    def forward(self, x):
-        outs = torch.stack([m(x) for m in self.members])
-        w = self.weights.view(-1, 1, 1)
-        if self.mix == "logits":
-            return (w * outs).sum(0)
-        return torch.logsumexp(F.log_softmax(outs, dim=2) + w.log(), dim=0)
-
-    def member_logits(self) -> "MemberLogits":
-        return MemberLogits(self)
-
-
-class MemberLogits(nn.Module):
-    """An Ensemble as the training loop runs it: the members' logits stacked, (batch, members, classes),
-    so that the teacher cache keeps them all and Objective.read_teachers mixes them per term."""
-
-    def __init__(self, ensemble: Ensemble):
-        super().__init__()
-        self.ensemble = ensemble
-
-    @property
-    def feature_source(self) -> nn.Module:
-        return self.ensemble.members[0]
-
-    def forward(self, x):
-        return torch.stack([m(x) for m in self.ensemble.members], dim=1)
-
-
-def for_distillation(objective, teacher: nn.Module | None) -> nn.Module | None:
-    """The teacher as the loop runs it for ``objective``: a probability-averaging ensemble hands over its
-    members' logits (the objective learns their weights); any other teacher is itself."""
-    objective.teacher_weights = None
-    if isinstance(teacher, Ensemble) and teacher.mix == "probs":
-        objective.teacher_weights = teacher.weights.detach().cpu().clone()
-        return teacher.member_logits()
-    return teacher
 
 
 @dataclass
@@ -112,6 +48,7 @@ class Run:
     checkpoints: object = None  # checkpoint.RunCheckpoints: one phase file per fit, in order
     new_student: Callable[[], nn.Module] | None = None  # a fresh float student (None: build opts.student)
     pretrained: bool = False  # the student starts from trained weights: QAT warm-starts without a float phase
+    auto_bits: object = None  # quant.autobits.AutoBits: --bits auto chooses the QAT spec after the float phase
 
     def phase(self, label: str):
         """The checkpoint of the next training phase (None without checkpointing)."""
@@ -243,6 +180,9 @@ def two_phase(run: Run, student: nn.Module, teacher: nn.Module | None, spec, *, 
     elif run.pretrained and init_from is None:  # trained weights given: they are the float student
         float_acc = accuracy(student, run.data.test)
         run.log(f"float student{tag} (from its weights) test accuracy {float_acc:.4f}")
+    if run.auto_bits is not None and init_from is None:  # --bits auto: measured on this float student
+        spec = run.auto_bits.choose(run, student, spec)
+        o, epochs = run.opts, run.opts.epochs
     qmodel = quant.quantize(student, spec)
     if init_from is not None:
         _copy_weights(init_from, qmodel)

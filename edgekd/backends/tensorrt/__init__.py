@@ -73,13 +73,15 @@ class TensorrtBackend(Backend):
     name = "tensorrt"
     title = "TensorRT"
     builds_on_device = True
+    device_files = (ENGINE_FILE, LAYERS_FILE)  # and the timing cache (timing_cache_name)
     flavours = ("qdq", "qcdq")
     package, extra, purpose = "tensorrt", "tensorrt", "building or running a TensorRT engine"
     options = {
-        "workspace_mb": Option(int, "builder workspace memory pool limit (MemoryPoolType.WORKSPACE)", lo=1),
+        "workspace_mb": Option(int, "builder workspace memory pool limit (MemoryPoolType.WORKSPACE)", lo=1,
+                               hi=1 << 24),  # 16 TiB: its bytes still fit TensorRT's int64
         "builder_optimization_level": Option(int, "IBuilderConfig.builder_optimization_level (TensorRT >= 8.6)",
                                              lo=0, hi=5),
-        "timing_cache": Option(str, "timing cache file name next to the engine; '' disables it"),
+        "timing_cache": Option(str, "timing cache file name next to the engine; '' disables it", file_name=True),
         "dla_core": Option(int, "DLA core to build for; -1: GPU only", lo=-1, hi=1),
         "gpu_fallback": Option(bool, "let layers the DLA cannot run fall back to the GPU"),
         "fp16": Option(bool, "layers outside Q/DQ pairs may run in FP16 instead of FP32"),

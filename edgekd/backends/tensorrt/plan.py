@@ -149,7 +149,11 @@ def _slug(text: str) -> str:
 
 def timing_cache_name(device_name: str, trt_version: str, precision: str, base: str = "timing.cache") -> str:
     """Timing cache file name keyed by GPU name, TensorRT version and precision: a cache from
-    another device or version is never reused (TensorRT rejects mismatched caches anyway)."""
+    another device or version is never reused (TensorRT rejects mismatched caches anyway). ``base``
+    is a plain file name: the cache is written next to the engine, never elsewhere."""
+    if base in (".", "..") or "/" in base or "\\" in base or "\0" in base:
+        raise EdgekdError(f"timing_cache {base!r} is not a file name (it would be written outside the bundle)",
+                          "give a plain file name, e.g. timing.cache")
     stem, dot, ext = base.rpartition(".")
     stem, ext = (stem, ext) if dot else (base, "cache")
     return f"{stem}-{_slug(device_name)}-trt{_slug(trt_version)}-{_slug(precision)}.{ext}"
