@@ -8,7 +8,6 @@ options), ``metrics.json`` (teacher and student accuracies, bits, method, per-ep
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from ..config import options as op
 from ..config.options import DistillOptions
 from ..core.errors import CheckpointError, EdgekdError, IncompatibleError, MissingFileError
 from ..core.fsutil import RUN_FORMAT, RUNS_DIR, atomic_dir, check_output, check_partial, latest, write_json, write_text
-from .common import (Log, data_inputs, data_options, dataset_name, join_group, load_data, model_meta, options_dict,
+from .common import (Log, check_device, data_inputs, data_options, dataset_name, join_group, load_data, model_meta, options_dict,
                      quiet, slug)
 from .inputs import Objects, as_objects, export_model, make_student
 from .layers import list_layers  # noqa: F401  (distill --list-layers)
@@ -96,6 +95,7 @@ def _plan(opts: DistillOptions, out: Path | None, log: Log, asks: _Asks, resume:
     from ..training.checkpoint import partial_dir
 
     opts = with_recipe(opts, asks.trust_code)
+    check_device(opts.device)  # a recipe's device too (the command line's was checked before joining a group)
     op.validate(opts)
     budget = auto_budget.request(opts)  # --bits auto and its budget: each mistake one line, before anything
     order = schemes.resolve_order(opts.order, opts.float_epochs)
@@ -377,13 +377,14 @@ def find_run(run_dir: str | Path | None) -> Path:
 
 def read_metrics(run_dir: Path) -> dict:
     """A run's metrics.json, or one error naming the file (not JSON, not an object)."""
+    from ..core import jsonfile
     path = Path(run_dir) / "metrics.json"
     try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
+        metrics = jsonfile.read(path)  # bounded size and nesting
     except (ValueError, UnicodeDecodeError) as e:
         raise EdgekdError(f"{path} is not valid JSON ({e})", "use the run directory edgekd wrote") from None
     except OSError as e:
-        raise MissingFileError(f"cannot read {path}: {e.strerror}") from None
+        raise MissingFileError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(metrics, dict):
         raise EdgekdError(f"{path} is not a JSON object", "use the run directory edgekd wrote")
     return metrics
