@@ -110,12 +110,47 @@ def collect(root: Path, seeds: list[int]) -> list[dict]:
     return rows
 
 
+def ort_static(fp32: Path, xc: np.ndarray, xt: np.ndarray, yt: np.ndarray, dest: Path,
+               plans: list[tuple[int, str]]) -> tuple[float, np.ndarray, list[dict]]:
+    """ONNX Runtime's quantize_static of the fp32 model ``fp32`` (QDQ, per-channel weights) for each of
+    ``plans`` (bits 8 or 4, calibration method), calibrated on ``xc``, evaluated on (``xt``, ``yt``):
+    the fp32 model's accuracy and predictions, and per plan its bits, method, file, accuracy and
+    predictions (or the error, when the installed ORT refuses the plan)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    name = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    types = {8: (QuantType.QInt8, QuantType.QUInt8), 4: (QuantType.QInt4, QuantType.QUInt4)}
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{name: xc[i: i + 64]} for i in range(0, len(xc), 64)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    def predict(path: Path) -> np.ndarray:
+        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.concatenate([s.run(None, {name: xt[i: i + 1000]})[0].argmax(1) for i in range(0, len(xt), 1000)])
+
+    fp32_pred, out = predict(fp32), []
+    dest.mkdir(parents=True, exist_ok=True)
+    for bits, method in plans:
+        path = dest / f"w{bits}a{bits}-{method.lower()}.onnx"
+        row = {"bits": bits, "method": method, "path": path}
+        try:
+            quantize_static(str(fp32), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=types[bits][0], activation_type=types[bits][1],
+                            calibrate_method=getattr(CalibrationMethod, method))
+            pred = predict(path)
+            out.append(row | {"accuracy": float((pred == yt).mean()), "pred": pred})
+        except Exception as e:  # a plan the installed ORT refuses is reported, not hidden
+            out.append(row | {"accuracy": None, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    return float((fp32_pred == yt).mean()), fp32_pred, out
+
+
 def ort_ptq(root: Path, calib: int) -> list[dict]:
     """ONNX Runtime's quantize_static of the fp32 bundle's model, evaluated on the whole test split."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
     from edgekd.pipeline.evalset import read_test_split
 
     bundle, run = root / "seed0" / "bundles" / "fp32", root / "seed0" / "runs" / "bits8-none"
@@ -131,40 +166,18 @@ def ort_ptq(root: Path, calib: int) -> list[dict]:
     idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:calib].numpy()
     xc = np.ascontiguousarray(data.train.take(idx), dtype=np.float32)
     xt, yt = np.ascontiguousarray(data.test.take(np.arange(len(data.test))), dtype=np.float32), np.asarray(data.test.y)
-    name = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{name: xc[i: i + 64]} for i in range(0, len(xc), 64)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    def accuracy(path: Path) -> tuple[float, np.ndarray]:
-        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        pred = np.concatenate([s.run(None, {name: xt[i: i + 1000]})[0].argmax(1) for i in range(0, len(xt), 1000)])
-        return float((pred == yt).mean()), pred
-
-    fp32_acc, fp32_pred = accuracy(bundle / "model.onnx")
+    started = time.perf_counter()
+    plans = [(8, "MinMax"), (8, "Entropy"), (8, "Percentile"), (4, "MinMax")]
+    fp32_acc, fp32_pred, done = ort_static(bundle / "model.onnx", xc, xt, yt, root / "ort-ptq", plans)
     out = []
-    plans = [(8, QuantType.QInt8, QuantType.QUInt8, m) for m in ("MinMax", "Entropy", "Percentile")]
-    plans += [(4, QuantType.QInt4, QuantType.QUInt4, "MinMax")]
-    for bits, wt, at, method in plans:
-        dest = root / "ort-ptq" / f"w{bits}a{bits}-{method.lower()}.onnx"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        try:
-            quantize_static(str(bundle / "model.onnx"), str(dest), Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=True, weight_type=wt, activation_type=at,
-                            calibrate_method=getattr(CalibrationMethod, method))
-            acc, pred = accuracy(dest)
-            out.append({"method": f"ort-ptq-{method.lower()}", "bits": bits, "seed": 0, "accuracy": acc,
-                        "fp32_accuracy_ort": fp32_acc, "agreement_with_fp32": float((pred == fp32_pred).mean()),
-                        "seconds": time.perf_counter() - started, "calib_samples": calib})
-        except Exception as e:  # an int4 plan the installed ORT refuses is reported, not hidden
-            out.append({"method": f"ort-ptq-{method.lower()}", "bits": bits, "seed": 0, "accuracy": None,
-                        "error": f"{type(e).__name__}: {str(e)[:200]}"})
-        print(f"ORT quantize_static W{bits}A{bits} {method}: {out[-1].get('accuracy')}", flush=True)
+    for r in done:
+        row = {"method": f"ort-ptq-{r['method'].lower()}", "bits": r["bits"], "seed": 0, "accuracy": r["accuracy"]}
+        if r["accuracy"] is None:
+            out.append(row | {"error": r["error"]})
+        else:
+            out.append(row | {"fp32_accuracy_ort": fp32_acc, "agreement_with_fp32": float((r["pred"] == fp32_pred).mean()),
+                              "seconds": (time.perf_counter() - started) / len(plans), "calib_samples": calib})
+        print(f"ORT quantize_static W{r['bits']}A{r['bits']} {r['method']}: {row['accuracy']}", flush=True)
     return out
 
 

@@ -35,6 +35,21 @@ def tiny_run(tmp_path_factory):
     return root / "run", metrics
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny real run and its bundle (test_safety_paths.TINY, made under umask 022), once per module."""
+    from types import SimpleNamespace
+
+    from edgekd import api
+    from tests.test_safety_paths import TINY, chdir, umask
+
+    root = tmp_path_factory.mktemp("trained")
+    with umask(0o022), chdir(root):
+        api.distill(api.DistillOptions(**TINY), out=root / "run")
+        api.export(root / "run", "onnxruntime-cpu", out=root / "bundle")
+    return SimpleNamespace(root=root, run=root / "run", bundle=root / "bundle")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _image_cache_in_a_temporary_folder(tmp_path_factory):
     """Decoded-image caches (data.decoded) go to a folder of this session, not the user's ~/.cache."""

@@ -53,9 +53,9 @@ def high_pass_depthwise(num_classes: int = 10) -> nn.Module:
     return m.eval()
 
 
-def _ranked(rules=()):
+def _ranked(rules=(), act_bits: int = 2):
     x = torch.from_numpy(load_dataset("digits").train.take(np.arange(256)))
-    spec = quant.QuantSpec(weight_bits=2, act_bits=2, layer_bits=rules)
+    spec = quant.QuantSpec(weight_bits=2, act_bits=act_bits, layer_bits=rules)
     q = post_training_quantize(high_pass_depthwise(), spec, x, bias_correction=False)
     rows, extra = sensitivity.layer_errors(q, x[:128])
     return sensitivity.worst_first(rows), extra
@@ -82,11 +82,15 @@ def test_sqnr():
 def bundle(tmp_path_factory):
     """A W2A2 tiny depthwise student with its depthwise layers at W8A8 (1 float + 1 QAT epoch on
     digits), exported for onnxruntime-arm."""
-    root = tmp_path_factory.mktemp("explain")
+    return distill_export(tmp_path_factory.mktemp("explain"), "rpi", "depthwise=W8A8")
+
+
+def distill_export(root, target: str, rule: str):
+    """``root``/run (W2A2 with ``rule``, 1 float + 1 QAT epoch on digits) and its bundle ``root``/b."""
     torch.manual_seed(0)
-    for args in (("distill", "--student", SPEC, "--method", "none", "--bits", 2, "--target", "rpi",
-                  "--layer-bits", "depthwise=W8A8", "--epochs", 1, "--float-epochs", 1, "--out", root / "run"),
-                 ("export", root / "run", "--target", "rpi", "--student", SPEC, "--out", root / "b")):
+    for args in (("distill", "--student", SPEC, "--method", "none", "--bits", 2, "--target", target,
+                  "--layer-bits", rule, "--epochs", 1, "--float-epochs", 1, "--out", root / "run"),
+                 ("export", root / "run", "--target", target, "--student", SPEC, "--out", root / "b")):
         result = run(*args, "-q")
         assert result.exit_code == 0, result.output
     return root
@@ -97,14 +101,22 @@ def test_explain_bundle_table_and_json(bundle):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"{bundle / 'b'}: W2A2 with depthwise=W8A8, 359 test samples")
-    assert lines[1].split() == ["layer", "type", "W", "A", "logits", "dB", "layer", "dB", "weights", "dB", "inputs",
-                                "dB", "cumulative", "dB", "runtime", "dB"]
+    assert lines[0].endswith("most gained by raising first")
+    assert lines[1].split() == ["layer", "type", "W", "A", "raise", "gain", "dB", "logits", "dB", "layer", "dB",
+                                "weights", "dB", "inputs", "dB", "cumulative", "dB", "runtime", "dB"]
     table = [line.split() for line in lines[2:8]]
     assert sorted(r[0] for r in table) == ["0", "12", "17", "3", "6", "9"]
     assert [r[-1] for r in table if r[0] != "17"] == ["exact"] * 5  # the runtime computes what PyTorch does
+    types = [line for line in lines if line.startswith("  ") and "layer(s)  gain" in line]
+    assert sorted(line.split()[0] for line in types) == ["conv", "depthwise", "linear", "pointwise"]
     data = json.loads(run("explain", bundle / "b", "--student", SPEC, "--json", "--samples", 100, "-q").stdout)
     assert data["samples"] == 100 and data["target"] == "onnxruntime-arm" and data["runtime_note"] is None
-    dbs = [r["logits_db"] for r in data["layers"]]
+    gains = [r["gain_db"] for r in data["layers"]]
+    assert data["rank"] == "gain" and gains == sorted(gains, reverse=True)
+    assert data["reference"].startswith("the float student (float.pt)")  # QAT: not its quantizers off
+    alone = json.loads(run("explain", bundle / "b", "--student", SPEC, "--json", "--samples", 100, "--rank", "alone",
+                           "-q").stdout)
+    dbs = [r["logits_db"] for r in alone["layers"]]
     assert dbs == sorted(dbs, key=lambda v: float("inf") if v is None else v)
     compared = [r for r in data["layers"] if r["runtime_compared"]]
     assert len(compared) == 5 and all(r["runtime_levels_off"] == 0.0 and r["runtime_db"] is None for r in compared)
@@ -146,12 +158,7 @@ def test_explain_bad_inputs(bundle, tmp_path, monkeypatch):
 
 def test_explain_qonnx_bundle_through_qonnx_executor(tmp_path):
     pytest.importorskip("qonnx")
-    torch.manual_seed(0)
-    for args in (("distill", "--student", SPEC, "--method", "none", "--bits", 2, "--target", "fpga",
-                  "--layer-bits", "6=W4A4", "--epochs", 1, "--float-epochs", 1, "--out", tmp_path / "run"),
-                 ("export", tmp_path / "run", "--target", "fpga", "--student", SPEC, "--out", tmp_path / "b")):
-        result = run(*args, "-q")
-        assert result.exit_code == 0, result.output
+    distill_export(tmp_path, "fpga", "6=W4A4")
     data = json.loads(run("explain", tmp_path / "b", "--student", SPEC, "--json", "--samples", 60, "-q").stdout)
     assert data["target"] == "qonnx-finn" and data["runtime_note"] is None
     compared = [r for r in data["layers"] if r["runtime_compared"]]
@@ -164,3 +171,42 @@ def test_explain_refuses_an_fp32_bundle(bundle, tmp_path):
                  "-q")
     assert result.exit_code == 0, result.output
     assert_user_error(run("explain", tmp_path / "f"), "is an fp32 bundle: nothing in it is quantized")
+
+
+def test_raising_depthwise_gains_most_per_layer_and_per_type():
+    rows, extra = _ranked(act_bits=8)  # W2A8: the 2-bit high-pass filters are what breaks
+    ranked = sensitivity.most_gain_first(rows)
+    assert ranked[0]["name"] == "6" and ranked[0]["gain_db"] > 0.3
+    base = extra["logits"]["probe_sqnr_db"]
+    for r in rows:  # the gain is the raised model's SQNR over the whole model's (biases in float in both)
+        assert r["gain_db"] == pytest.approx(r["raised_db"] - base)
+        assert r["params"] == {"0": 72, "2": 72, "4": 128, "6": 144, "8": 256, "12": 160}[r["name"]]
+    groups = {g["group"]: g for g in extra["groups"]}
+    assert extra["groups"][0]["group"] == "depthwise" and groups["depthwise"]["layers"] == ["2", "6"]
+    assert groups["depthwise"]["gain_db"] > 5 > max(g["gain_db"] for g in extra["groups"][1:])
+    # only the depthwise layers quantized: below every other type alone (W2A2 too)
+    assert groups["depthwise"]["alone_db"] == min(g["alone_db"] for g in extra["groups"])
+    _, a2 = _ranked()
+    assert {g["group"]: g for g in a2["groups"]}["depthwise"]["alone_db"] == min(g["alone_db"] for g in a2["groups"])
+    _, fixed = _ranked(("depthwise=W8A8",), act_bits=8)  # at 8 bits, raising them to float gains little
+    assert abs({g["group"]: g for g in fixed["groups"]}["depthwise"]["gain_db"]) < 0.5
+
+
+def test_gain_ranking_puts_an_exact_raise_first_and_unknown_last():
+    rows = [{"name": "a", "raised_db": 3.0, "gain_db": 1.0}, {"name": "b", "raised_db": None, "gain_db": None},
+            {"name": "c", "raised_db": 9.0, "gain_db": 7.0}, {"name": "d", "raised_db": 1.0, "gain_db": None}]
+    assert [r["name"] for r in sensitivity.most_gain_first(rows)] == ["b", "c", "a", "d"]
+
+
+def test_explain_says_when_a_run_has_no_float_student(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    result = run("distill", "--student", SPEC, "--method", "none", "--bits", 4, "--epochs", 1, "--float-epochs", 0,
+                 "--out", tmp_path / "run", "-q")
+    assert result.exit_code == 0, result.output
+    out = run("explain", tmp_path / "run", "--student", SPEC, "--samples", 40, "-q")
+    assert out.exit_code == 0, out.output
+    assert "float reference: the student's trained weights with its quantizers off: the run has no float student" \
+        in out.stdout
+    bad = run("explain", tmp_path / "run", "--student", SPEC, "--rank", "worst")
+    assert bad.exit_code == 2 and "--rank" in bad.output and "Traceback" not in bad.output

@@ -143,3 +143,18 @@ def test_api_takes_modules_and_torch_datasets(tmp_path, monkeypatch):
     assert manifest["parity"]["top1_agreement"] == 1.0 and manifest["test_samples"] == 12
     with pytest.raises(EdgekdError, match="nn.Module"):
         api.distill(opts, student="not a module", data=data)
+
+
+def test_api_exports_the_float_student_of_a_module_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = api.TorchData(_tensors(16, 0), _tensors(4, 1), classes=["a", "b", "c"], mean=[0.0], std=[1.0])
+    opts = api.DistillOptions(method="none", weight_bits=8, act_bits=8, epochs=1, float_epochs=1, batch_size=16,
+                              progress=False)
+    m = api.distill(opts, out=tmp_path / "run", student=tiny_net(3, 1), data=data)
+    # the float student of a python-api run is rebuilt from the module given again (it was an error:
+    # the module was taken for an architecture name)
+    manifest = api.export(m["run_dir"], "cpu", out=tmp_path / "fp32", student=tiny_net(3, 1), data=data,
+                          float_model=True)
+    assert manifest["format"] == "fp32" and manifest["parity"]["top1_agreement"] == 1.0
+    with pytest.raises(EdgekdError, match="Python API"):
+        api.export(m["run_dir"], "cpu", out=tmp_path / "fp32b", data=data, float_model=True)

@@ -27,8 +27,8 @@ import pytest
 from edgekd.core import fsutil, staging
 from edgekd.core.errors import ConfigError, EdgekdError
 from tests.test_bad_input import assert_user_error, run
-from tests.test_safety_paths import (F_CONTAINER, F_FOREIGN, HERE, TINY, chdir, forbid_training, guard_dev,
-                                     one_error_line, snapshot, subprocess_env, umask)
+from tests.test_safety_paths import (F_CONTAINER, F_FOREIGN, HERE, forbid_training, guard_dev,
+                                     one_error_line, snapshot, subprocess_env)
 
 F_FULL = "disk full"
 F_INSIDE = "is inside the edgekd"
@@ -36,18 +36,6 @@ F_NOT_OURS = "which edgekd did not write"
 TINY_DISTILL = ["distill", "--method", "none", "--epochs", "1", "--float-epochs", "0", "-q"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny real run and its bundle (as test_safety_paths makes them)."""
-    from types import SimpleNamespace
-
-    from edgekd import api
-
-    root = tmp_path_factory.mktemp("safety-fs")
-    with umask(0o022), chdir(root):
-        api.distill(api.DistillOptions(**TINY), out=root / "run")
-        api.export(root / "run", "onnxruntime-cpu", out=root / "bundle")
-    return SimpleNamespace(root=root, run=root / "run", bundle=root / "bundle")
 
 
 def hidden(folder: Path) -> list[str]:

@@ -37,7 +37,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -264,15 +263,6 @@ def assert_umask_modes(root: Path, mask: int) -> None:
 
 # --- a tiny real run and bundle, made once for this module under umask 022 ----------------------------
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from edgekd import api
-
-    root = tmp_path_factory.mktemp("safety-paths")
-    with umask(0o022), chdir(root):
-        api.distill(api.DistillOptions(**TINY), out=root / "run")
-        api.export(root / "run", "onnxruntime-cpu", out=root / "bundle")
-    return SimpleNamespace(root=root, run=root / "run", bundle=root / "bundle")
 
 
 # --- the table of refused output paths --------------------------------------------------------------------

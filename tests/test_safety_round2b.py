@@ -31,24 +31,12 @@ from edgekd.core import fsutil, staging
 from edgekd.core.errors import ConfigError, EdgekdError
 from tests.test_bad_input import assert_user_error, run
 from tests.test_safety_fs import TINY_DISTILL, dead_owner, make_images
-from tests.test_safety_paths import FAST_BENCH, TINY, chdir, forbid_training, snapshot, umask
+from tests.test_safety_paths import FAST_BENCH, TINY, forbid_training, snapshot
 
 F_NOT_OURS = "which edgekd did not write"
 F_DEEP = "nested more than 64 levels"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny real run and its bundle (as test_safety_fs makes them)."""
-    from types import SimpleNamespace
-
-    from edgekd import api
-
-    root = tmp_path_factory.mktemp("round2b")
-    with umask(0o022), chdir(root):
-        api.distill(api.DistillOptions(**TINY), out=root / "run")
-        api.export(root / "run", "onnxruntime-cpu", out=root / "bundle")
-    return SimpleNamespace(root=root, run=root / "run", bundle=root / "bundle")
 
 
 def deep(levels: int) -> str:

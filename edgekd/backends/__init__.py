@@ -3,8 +3,9 @@
 A backend is an object with the ``Backend`` interface below: the export flavours it takes, the
 schema of its target options (the catalog validates ``[options]`` through it), the compile step
 run at export, how export runs the artifact for parity, the manifest fields it adds, how bench
-loads and times a bundle (its ``Runner``), what it reports about the environment, and, where the
-runtime must build on the device itself, ``compile_on_device``. Nothing outside this package
+loads and times a bundle (its ``Runner``), what it reports about the environment, what explain reads
+at every layer (``run_tapped``), and, where the runtime must build on the device itself,
+``compile_on_device``. Nothing outside this package
 branches on a backend's name: adding a runtime is one module, one target file and its tests, and
 one ``register_backend`` call (the built-in ones are registered below by module path, so that a
 backend's runtime package is imported only when a bundle asks for it: ``edgekd bench`` on a
@@ -156,6 +157,13 @@ class Backend:
         manifest fields to update, with the artifact's parity report under ``parity``."""
         raise NotImplementedError
 
+    def run_tapped(self, model_path: Path, model, tapped: dict, x: np.ndarray) -> dict[str, np.ndarray] | None:
+        """Run the exported graph ``model_path`` (``model``: that file loaded as an onnx ModelProto) on
+        ``x`` and return, by name, the real value of every tap in ``tapped`` (``export.probe.Tap``) as
+        this runtime computes it: ``edgekd explain``'s runtime columns. None (the default): this
+        backend cannot."""
+        return None
+
     def import_error(self, e: ImportError) -> EdgekdError | None:
         """A MissingExtraError when ``e`` is this backend's runtime package missing."""
         if e.name and e.name.split(".")[0] == self.package:
@@ -194,6 +202,21 @@ def get_backend(name: str) -> Backend:
         entry = importlib.import_module(entry).BACKEND
         _REGISTERED[name] = entry
     return entry
+
+
+def implementing(method: str) -> list[Backend]:
+    """The registered backends that override ``Backend.method`` (a backend whose module fails to
+    import is left out)."""
+    found = []
+    for name in backend_names():
+        try:
+            backend = get_backend(name)
+        except (ImportError, AttributeError, EdgekdError):
+            continue
+        impl = getattr(type(backend), method, None)
+        if impl is not None and impl is not getattr(Backend, method):
+            found.append(backend)
+    return found
 
 
 def get_runner(name: str) -> Runner:

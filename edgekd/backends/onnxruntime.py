@@ -364,5 +364,10 @@ class OnnxRuntimeBackend(Backend):
     def manifest_extras(self, ctx: ExportContext) -> dict:
         return {"session_config": session_config(ctx.bundle / "model.opt.onnx")}
 
+    def run_tapped(self, model_path: Path, model, tapped: dict, x: np.ndarray) -> dict[str, np.ndarray]:
+        from .taps import onnxruntime_tapped
+
+        return onnxruntime_tapped(model, tapped, x)
+
 
 BACKEND = OnnxRuntimeBackend()

@@ -378,5 +378,10 @@ class QonnxBackend(Backend):
         name = profile if profile in estimates else (None if profile else next(iter(estimates), None))
         return dict(estimates[name], profile=name) if name is not None else None
 
+    def run_tapped(self, model_path: Path, model, tapped: dict, x: np.ndarray) -> dict[str, np.ndarray]:
+        from .taps import qonnx_tapped
+
+        return qonnx_tapped(model_path, tapped, x)
+
 
 BACKEND = QonnxBackend()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from . import common as c
+
 HOST_OPTIONS = ("hosts", "remote_python", "remote_dir", "system_site_packages", "wheelhouse", "set_clocks",
                 "ssh_config", "ssh_options", "connect_timeout")
 
@@ -32,7 +34,7 @@ def host_options(f):
                      help="With --host: ssh -F FILE."),
         click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE",
                      help="With --host: passed to ssh as -o KEY=VALUE (repeatable)."),
-        click.option("--connect-timeout", type=click.IntRange(min=1, max=3600), default=10, show_default=True,
+        click.option("--connect-timeout", type=c.AsciiIntRange(min=1, max=3600), default=10, show_default=True,
                      metavar="SECONDS", help="With --host: ssh ConnectTimeout."),
     ]):
         f = decorator(f)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..config import options as op
 from ..core.text import clean
 from . import common as c
 from .app import main
@@ -126,6 +127,8 @@ def _sweep_columns():
 @c.flag("epochs", help="QAT epochs per cell [default: each cell's, by its bits: 4, or 8 at 3 bits or fewer].")
 @c.flag("float_epochs")
 @c.flag("teacher_epochs", help="Epochs when the teacher has to be trained first (once, shared by the cells).")
+@c.flag("qat_temperature", help=op.OPTIONS["qat_temperature"].help + " Goes to the hinton and kd cells.")
+@c.flag("qat_lr")
 @c.seed_opt
 @c.out_option("--out", help="Sweep root (default runs/sweeps/DATA-STUDENT-TARGET); re-running resumes it.")
 @c.overwrite_opt
@@ -137,8 +140,8 @@ def _sweep_columns():
               help="Plot accuracy vs p50 latency with the Pareto set (needs: pip install 'edgekd[plot]').")
 @c.quiet_opt
 def sweep_command(data, bits, methods, seeds, reference, config, target, layer_bits, profile, teacher, student, epochs,
-                  float_epochs, teacher_epochs, seed, out, overwrite, json_path, markdown_path, plot_path, quiet,
-                  **read):
+                  float_epochs, teacher_epochs, qat_temperature, qat_lr, seed, out, overwrite, json_path, markdown_path,
+                  plot_path, quiet, **read):
     """Distill, export and bench each bit width (and method), then show the Pareto set.
 
     Finished stages of a cell (run dir, bundle, bench rows under the sweep root) are reused, so
@@ -155,7 +158,8 @@ def sweep_command(data, bits, methods, seeds, reference, config, target, layer_b
     report.check_outputs((), overwrite, json=json_path, markdown=markdown_path, plot=plot_path)
     opts = SweepOptions(bits=_sweep_ints(bits, "--bits"), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                         data=data, target=target, student=student, teacher=teacher, epochs=epochs,
-                        float_epochs=float_epochs, teacher_epochs=teacher_epochs, seed=seed, profile=profile,
+                        float_epochs=float_epochs, teacher_epochs=teacher_epochs, qat_temp=qat_temperature,
+                        qat_lr=qat_lr, seed=seed, profile=profile,
                         seeds=_sweep_ints(seeds, "--seeds") if seeds else None, reference=reference,
                         config=str(config) if config else None, layer_bits=tuple(layer_bits),
                         root=out, progress=not quiet, overwrite=overwrite, read=read)

@@ -85,9 +85,9 @@ def profiles_show(name, as_json):
 @main.command("check")
 @click.option("--target", required=True, metavar="NAME|FILE.toml", help="Target name, alias, profile or .toml file.")
 @click.option("--student", metavar="SPEC", help="Student architecture (recorded in the JSON output).")
-@click.option("--bits", default=8, show_default=True, type=int, help="Weight and activation bits.")
-@click.option("--weight-bits", type=int, help="Weight bits, overriding --bits.")
-@click.option("--act-bits", type=int, help="Activation bits, overriding --bits.")
+@click.option("--bits", default=8, show_default=True, type=c.INT, help="Weight and activation bits.")
+@click.option("--weight-bits", type=c.INT, help="Weight bits, overriding --bits.")
+@click.option("--act-bits", type=c.INT, help="Activation bits, overriding --bits.")
 @c.layer_bits_opt
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def check_command(target, student, bits, weight_bits, act_bits, layer_bits, as_json):

@@ -54,6 +54,15 @@ class AsciiNumber(click.ParamType):
 INT, FLOAT = AsciiNumber(int), AsciiNumber(float)
 
 
+class AsciiIntRange(click.IntRange):
+    """click.IntRange, written in ASCII digits only (as AsciiNumber)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and (not value.isascii() or "_" in value):
+            self.fail(f"{op.shown(value, 40)} is not a valid integer (ASCII digits only)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def flag(name: str, *decls: str, **overrides):
     """A click option for table entry ``name``; ``decls``: extra spellings such as ``-T``, or, when one
     starts with ``--``, the spellings to use instead of the table's (``--warmup-time``)."""

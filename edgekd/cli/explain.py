@@ -16,27 +16,49 @@ def _db(value, compared: bool = True, unit: str = "") -> str:
     return "exact" if value is None else f"{value:.1f}{unit}"
 
 
+def _gain(r: dict) -> str:
+    """The gain of raising a layer (or type) to float: '+3.2' dB, or 'exact' (the logits then equal float)."""
+    return "exact" if r["raised_db"] is None else f"{r['gain_db']:+.1f}"
+
+
+def _groups(result: dict) -> list[str]:
+    """One line per layer type: what raising all its layers to float gains at the logits."""
+    lg = result["logits"]
+    lines = [f"per layer type, all its layers raised to float (from {_db(lg['probe_sqnr_db'], unit=' dB')} at the "
+             f"logits, top-1 agreement {lg['probe_agreement']:.4f}, with every layer quantized and biases in float):"]
+    for g in result["groups"]:
+        lines.append(f"  {g['group']:<10} {len(g['layers']):>3} layer(s)  gain {_gain(g)} dB -> "
+                     f"{_db(g['raised_db'], unit=' dB')}, top-1 agreement {g['raised_agreement']:.4f}; "
+                     f"only they quantized: {_db(g['alone_db'], unit=' dB')}")
+    return lines
+
+
 def render(result: dict) -> list[str]:
     """The table of ``explain``'s result, worst layer first, and a line on the logits."""
     rows = result["layers"]
     runtime = result["bundle_dir"] is not None and result["runtime_note"] is None
-    head = ["layer", "type", "W", "A", "logits dB", "layer dB", "weights dB", "inputs dB", "cumulative dB"] \
-        + (["runtime dB"] if runtime else [])
-    body = [[r["name"], r["type"], str(r["weight_bits"]), str(r["act_bits"] or "-"), _db(r["logits_db"]),
+    head = ["layer", "type", "W", "A", "raise gain dB", "logits dB", "layer dB", "weights dB", "inputs dB",
+            "cumulative dB"] + (["runtime dB"] if runtime else [])
+    body = [[r["name"], r["type"], str(r["weight_bits"]), str(r["act_bits"] or "-"), _gain(r), _db(r["logits_db"]),
              _db(r["isolated_db"]), _db(r["weights_db"]), _db(r["inputs_db"], r["act_bits"] is not None),
              _db(r["cumulative_db"])] + ([_db(r.get("runtime_db"), r.get("runtime_compared", False))]
                                          if runtime else []) for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = [f"{result['source']}: W{result['weight_bits']}A{result['act_bits']}"
              + (f" with {', '.join(result['layer_bits'])}" if result["layer_bits"] else "")
-             + f", {result['samples']} test samples; SQNR vs the float student (higher is better), worst first"]
+             + f", {result['samples']} test samples; SQNR vs the float student (higher is better), "
+             + ("most gained by raising first" if result["rank"] == "gain" else "worst alone first")]
     for row in [head, *body]:
         lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
     lg = result["logits"]
     lines.append(f"logits: fake-quant vs float {_db(lg['sqnr_db'], unit=' dB')}, top-1 agreement "
                  f"{lg['top1_agreement']:.4f}"
                  + (f"; runtime vs fake-quant {_db(lg['runtime_sqnr_db'], unit=' dB')}" if "runtime_sqnr_db" in lg else ""))
-    lines.append("logits / layer: SQNR at the logits / at the layer's output with only that layer quantized (its "
+    lines += _groups(result)
+    lines.append(f"float reference: {result['reference']}")
+    lines.append("raise gain: at the logits, the whole model quantized but this layer (its weights and its input "
+                 "quantizer) in float, against the whole model quantized: what more bits there buy; "
+                 "logits / layer: SQNR at the logits / at the layer's output with only that layer quantized (its "
                  "weights and the activations it reads); weights / inputs: only one of them; cumulative: the whole "
                  "model quantized" + ("; runtime: the runtime vs fake-quant at the layer's requantized output"
                                       if runtime else ""))
@@ -49,6 +71,9 @@ def render(result: dict) -> list[str]:
 @click.argument("source", required=False, type=c.InPath(), metavar="[BUNDLE|RUN]")
 @click.option("--samples", default=500, show_default=True, type=c.INT,
               help="Test samples to measure on (a bundle's eval.npz, else a stratified sample of the test split).")
+@click.option("--rank", type=click.Choice(["gain", "alone"]), default="gain", show_default=True,
+              help="Order the layers by what raising each to float gains (gain), or by the error each makes "
+                   "quantized alone (alone).")
 @click.option("--run", "run_dir", type=c.InPath(), metavar="DIR",
               help="The run a bundle was exported from, when it is no longer where the manifest says.")
 @click.option("--student", metavar="ARCH", help="The student architecture, when the run's is module:callable.")
@@ -58,13 +83,16 @@ def render(result: dict) -> list[str]:
               help="Also plot the per-layer SQNR (needs: pip install 'edgekd[plot]').")
 @c.overwrite_opt
 @c.quiet_opt
-def explain_command(source, samples, run_dir, student, trust_code, as_json, png_path, overwrite, quiet):
+def explain_command(source, samples, rank, run_dir, student, trust_code, as_json, png_path, overwrite, quiet):
     """Which layer breaks: per Conv / Linear layer, the error quantization adds, worst first.
 
     \b
     Per layer, as SQNR in dB against the float student (the same weights, quantizers off):
+      raise gain  at the logits, the whole model quantized but this layer in float, over the
+                  whole model quantized: what more bits for it buy (--rank gain, the default;
+                  also per layer type: every depthwise layer raised together, ...)
       logits      at the logits, only this layer quantized (its weights and the activations
-                  it reads): the ranking, worst first
+                  it reads): --rank alone, worst first
       layer       the same at the layer's output; weights / inputs: only one of the two
       cumulative  the whole model quantized: the error that has reached this layer
       runtime     (ONNX Runtime, QONNX bundles) the runtime against the fake-quant model at the
@@ -78,7 +106,7 @@ def explain_command(source, samples, run_dir, student, trust_code, as_json, png_
 
         check_plot_available()
         check_outputs([p for p in (source, run_dir) if p is not None], overwrite, png=png_path)
-    result = explain(source, samples, run_dir, student, trust_code, log=c.logger(quiet))
+    result = explain(source, samples, run_dir, student, trust_code, log=c.logger(quiet), rank=rank)
     if as_json:
         click.echo(json.dumps(result, indent=1))
     else:

@@ -58,7 +58,7 @@ def _distill_options(f):
         c.flag("budget"), c.flag("profile"), c.flag("weight_bits", default=None, show_default=False),
         c.flag("act_bits", default=None, show_default=False),
         click.option("--teacher", multiple=True, help=op.OPTIONS["teacher"].help),
-        click.option("--teacher-weight", "teacher_weights", multiple=True, type=float,
+        click.option("--teacher-weight", "teacher_weights", multiple=True, type=c.FLOAT,
                      help="Weight of each --teacher in the ensemble (repeat, same order) [default: equal]."),
         c.flag("teacher_mix"), c.flag("student"), c.flag("target"), c.flag("method"),
         click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
@@ -142,10 +142,13 @@ def distill(bits, weight_bits, act_bits, teacher, teacher_weights, params, first
 def _print_layers(opts, trust_code: bool = False) -> None:
     from ..api import list_layers as layers
 
-    for role, rows in layers(opts, trust_code).items():
+    listing = layers(opts, trust_code)
+    for role in ("student", "teacher"):
         click.echo(f"{role} layers:")
-        for r in rows:
+        for r in listing[role]:
             click.echo(f"  {r['name']:<24} {r['type']:<20} {tuple(r['shape'])}")
+    for text in listing["unmatched_rules"]:
+        click.echo(f"note: --layer-bits pattern {op.shown(text)} matches no Conv or Linear layer of the student")
 
 
 @main.command()

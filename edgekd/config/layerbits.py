@@ -30,7 +30,7 @@ from ..core.registry import suggest
 TYPES = ("depthwise", "pointwise", "conv", "linear", "first", "last")
 TABLE_KEYS = ("layers", "type", "weight", "act")
 EXAMPLE = "e.g. --layer-bits depthwise=W8A8 or --layer-bits 'features.3.*=W4'"
-_BITS = re.compile(r"(?:W(\d{1,3}))?(?:A(\d{1,3}))?", re.IGNORECASE)
+_BITS = re.compile(r"(?:W([0-9]{1,3}))?(?:A([0-9]{1,3}))?", re.IGNORECASE | re.ASCII)  # ASCII digits only
 
 
 @dataclass(frozen=True)
@@ -62,16 +62,27 @@ def _check_bits(kind: str, value, where: str) -> int:
     return op.check(f"{kind}_bits", value, f"{where}: {kind.replace('act', 'activation')} bits")
 
 
+def _match_bits(bits: str, where: str) -> re.Match:
+    """``WxAy`` -> its match; bits written in other characters than ASCII (``W٨``, ``Ｗ８``: other
+    scripts' digits, which Python's int() reads but no recipe or log reader does) are refused."""
+    m = _BITS.fullmatch(bits)
+    if m and (m.group(1) or m.group(2)):
+        return m
+    if not bits.isascii():
+        raise ConfigError(f"{where}: bits must be written with ASCII letters and digits (W, A, 0-9), got "
+                          f"{op.shown(bits, 40)}", "retype them, e.g. depthwise=W8A8")
+    raise ConfigError(f"{where}: bits must be W<weight bits>A<activation bits>, W<bits> or A<bits>, got "
+                      f"{op.shown(bits, 40)}", EXAMPLE)
+
+
 def parse_text(text: str, label: str = "--layer-bits") -> LayerRule:
-    """``PATTERN=WxAy`` (``--layer-bits``) -> a LayerRule; one ConfigError naming what is wrong."""
-    where = f"{label} {text!r}"
+    """``PATTERN=WxAy`` (``--layer-bits``) -> a LayerRule; one ConfigError naming what is wrong (a
+    long pattern is cut in the message)."""
+    where = f"{label} {op.shown(text)}"
     pattern, sep, bits = str(text).rpartition("=")
     if not sep or not pattern.strip():
         raise ConfigError(f"{where}: expected PATTERN=WxAy (a layer type or a module-path glob, then bits)", EXAMPLE)
-    m = _BITS.fullmatch(bits.strip())
-    if not m or not (m.group(1) or m.group(2)):
-        raise ConfigError(f"{where}: bits must be W<weight bits>A<activation bits>, W<bits> or A<bits>, got "
-                          f"{bits.strip()!r}", EXAMPLE)
+    m = _match_bits(bits.strip(), where)
     parts = [p.strip() for p in pattern.split(",")]
     if not all(parts):
         raise ConfigError(f"{where}: empty pattern between commas", EXAMPLE)
@@ -86,7 +97,7 @@ def _strings(value, key: str, where: str) -> tuple[str, ...]:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(v, str) and v.strip() for v in items):
-        raise ConfigError(f"{where}: {key} must be a non-empty string or a list of them, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be a non-empty string or a list of them, got {op.shown(value)}")
     return tuple(v.strip() for v in items)
 
 
@@ -94,10 +105,10 @@ def parse_table(table: dict, where: str = "[[bits]]") -> LayerRule:
     """A ``[[bits]]`` table (or a checkpoint's rule) -> a LayerRule; unknown keys, a missing or
     doubled selector, unknown types and bits out of range are one ConfigError each."""
     if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table with layers or type, and weight and/or act, got {table!r}")
+        raise ConfigError(f"{where} must be a table with layers or type, and weight and/or act, got {op.shown(table)}")
     for key in table:
         if key not in TABLE_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r}{suggest(str(key), TABLE_KEYS)}",
+            raise ConfigError(f"{where}: unknown key {op.shown(key, 40)}{suggest(str(key)[:100], TABLE_KEYS)}",
                               f"keys: {', '.join(TABLE_KEYS)}")
     layers, types = _strings(table.get("layers"), "layers", where), _strings(table.get("type"), "type", where)
     if bool(layers) == bool(types):
@@ -105,7 +116,8 @@ def parse_table(table: dict, where: str = "[[bits]]") -> LayerRule:
                           'e.g. type = "depthwise" or layers = "features.3.*"')
     for t in types:
         if t not in TYPES:
-            raise ConfigError(f"{where}: unknown layer type {t!r}{suggest(t, TYPES)}", f"types: {', '.join(TYPES)}")
+            raise ConfigError(f"{where}: unknown layer type {op.shown(t, 40)}{suggest(t[:100], TYPES)}",
+                              f"types: {', '.join(TYPES)}")
     weight, act = table.get("weight"), table.get("act")
     if weight is None and act is None:
         raise ConfigError(f"{where}: give weight and/or act bits", "e.g. weight = 8")
@@ -120,7 +132,7 @@ def rules_from(value, where: str = "--layer-bits") -> tuple[LayerRule, ...]:
     if isinstance(value, (str, dict, LayerRule)):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{where} must be a list of PATTERN=WxAy strings or [[bits]] tables, got {value!r}")
+        raise ConfigError(f"{where} must be a list of PATTERN=WxAy strings or [[bits]] tables, got {op.shown(value)}")
     out = []
     for i, item in enumerate(value):
         if isinstance(item, LayerRule):

@@ -27,14 +27,13 @@ import os
 import re
 import stat
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import ContextManager, Iterable
 
-from . import interrupts, jsonfile
+from . import jsonfile
 from .errors import EdgekdError
 from .staging import (STAGED, _os_error, atomic_path, current_umask, finite, remove, set_aside,  # noqa: F401
-                      stale, staging, user_error, write_bytes, write_json, write_text)
+                      staged, stale, staging, user_error, write_bytes, write_json, write_text)
 
 RUNS_DIR = Path("runs")
 BUNDLES_DIR = Path("bundles")
@@ -53,29 +52,11 @@ RUN_FILES = frozenset({"student.pt", "float.pt", "model.pt", "recipe.json", "met
 _consented: dict[str, frozenset] = {}  # folder (real path) -> the entries ``overwrite`` agreed to replace
 
 
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike) -> ContextManager[Path]:
     """Yield a staging folder; on success it replaces ``path``, whose previous folder is kept until
     the new one is in place and never deleted with anything edgekd did not write in it (see the
     module docstring)."""
-    path = Path(path)
-    tmp = staging(path, folder=True)
-    try:
-        try:
-            yield tmp
-            interrupts.check()
-        except BaseException as e:
-            error = user_error(path, e, tmp)
-            if error is None:
-                raise
-            raise error from None
-        try:
-            _commit(tmp, path)
-        except OSError as e:
-            raise _os_error(path, e) from None
-    finally:
-        if os.path.lexists(tmp):
-            remove(tmp)
+    return staged(Path(path), True, _commit)
 
 
 def _commit(tmp: Path, path: Path) -> None:

@@ -35,7 +35,7 @@ import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 from . import interrupts
 from .errors import DiskFullError, EdgekdError
@@ -219,22 +219,33 @@ def set_aside(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
-    path = Path(path)
-    tmp = staging(path, folder=False)
+def staged(path: Path, folder: bool, commit: Callable[[Path, Path], None]) -> Iterator[Path]:
+    """Yield a new staging file or folder for ``path``; when the block succeeds, ``commit(staging,
+    path)`` puts it in place. What the block raises becomes its one-line error for ``path``
+    (``user_error``: disk full, permission denied), and so does an OSError of ``commit``; the
+    staging is removed whatever happens (once committed, nothing is left of it)."""
+    tmp = staging(path, folder=folder)
     try:
-        yield tmp
-        interrupts.check()  # never commit after an interrupt that was dropped on its way up
-        os.replace(tmp, path)
-    except BaseException as e:
-        error = user_error(path, e, tmp)
-        if error is None:
-            raise
-        raise error from None
+        try:
+            yield tmp
+            interrupts.check()  # never commit after an interrupt that was dropped on its way up
+        except BaseException as e:
+            error = user_error(path, e, tmp)
+            if error is None:
+                raise
+            raise error from None
+        try:
+            commit(tmp, path)
+        except OSError as e:
+            raise _os_error(path, e) from None
     finally:
         if os.path.lexists(tmp):
             remove(tmp)
+
+
+def atomic_path(path: str | os.PathLike) -> ContextManager[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
+    return staged(Path(path), False, os.replace)
 
 
 def write_bytes(path, data: bytes) -> None:

@@ -5,7 +5,8 @@ their weight shapes checked against the student's); its *tap* is the quantized t
 becomes: the integer tensor that the ``DequantizeLinear`` after its requantization reads (qdq and
 qcdq flavours), or the ``Quant`` node's output (qonnx). Integer tensors survive ONNX Runtime's
 fusions (a fused ``QLinearConv`` writes the very tensor its ``QuantizeLinear`` wrote), so making them
-extra graph outputs of an in-memory copy changes neither the fusion nor the values.
+extra graph outputs of an in-memory copy changes neither the fusion nor the values. This module only
+reads graphs (taps, their integer levels); running one is its backend's ``Backend.run_tapped``.
 """
 
 from __future__ import annotations
@@ -106,47 +107,15 @@ def _array(inits, name):
     return numpy_helper.to_array(inits[name]).astype(np.float64)
 
 
-def _with_outputs(model, names: list[str]):
-    """A copy of ``model`` whose graph also outputs the tensors ``names`` (types from shape inference)."""
-    import onnx
-    from onnx import helper, shape_inference
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    known = {v.name: v for v in shape_inference.infer_shapes(copy).graph.value_info}
-    existing = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in existing:
-            copy.graph.output.append(known[name] if name in known else helper.make_empty_tensor_value_info(name))
-    return copy
-
-
-def run_onnxruntime(model, tapped: dict[str, Tap], x: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
-    """Run ``model`` (ModelProto) with ONNX Runtime at full optimization (the int8 fusions a device
-    applies) on ``x``; the real value of every tap (dequantized with its scale and zero point)."""
-    import onnxruntime as ort
-
+def real_values(model, tap: Tap, raw: np.ndarray) -> np.ndarray:
+    """The tensor ``raw`` a runtime computed for ``tap`` as real numbers: dequantized with the tap's
+    scale and zero point (a tap without them, e.g. a QONNX ``Quant`` output, is real-valued already)."""
+    v = np.asarray(raw).astype(np.float64)
+    if tap.scale is None:
+        return v
     _, _, inits = _index(model)
-    names = sorted({t.tensor for t in tapped.values()})
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(_with_outputs(model, names).SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feed = sess.get_inputs()[0].name
-    parts: dict[str, list] = {n: [] for n in names}
-    for i in range(0, len(x), batch):
-        values = sess.run(names, {feed: x[i: i + batch]})
-        for n, v in zip(names, values):
-            parts[n].append(v)
-    raw = {n: np.concatenate(v) for n, v in parts.items()}
-    out = {}
-    for layer, t in tapped.items():
-        v = raw[t.tensor].astype(np.float64)
-        if t.scale is not None:
-            zp = _array(inits, t.zero_point) if t.zero_point else 0.0
-            v = (v - zp) * _array(inits, t.scale)
-        out[layer] = v
-    return out
+    zp = _array(inits, tap.zero_point) if tap.zero_point else 0.0
+    return (v - zp) * _array(inits, tap.scale)
 
 
 def levels(model, tap: Tap, values: np.ndarray) -> np.ndarray | None:
@@ -158,23 +127,3 @@ def levels(model, tap: Tap, values: np.ndarray) -> np.ndarray | None:
     zp = _array(inits, tap.zero_point) if tap.zero_point else 0.0
     return np.rint(np.asarray(values, np.float64) / _array(inits, tap.scale) + zp) - zp
 
-
-def run_qonnx(model_path, tapped: dict[str, Tap], x: np.ndarray, batch: int = 500) -> dict[str, np.ndarray]:
-    """Run the QONNX graph at ``model_path`` with qonnx's executor (every tensor kept) on ``x``; the
-    value of every tap (a Quant node's output is real-valued already)."""
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.core.onnx_exec import execute_onnx
-
-    from ..backends.qonnx import padded_chunks, with_batch
-
-    wrapper = ModelWrapper(str(model_path))
-    batch = max(1, min(batch, len(x)))
-    batched = with_batch(wrapper, batch)
-    iname = batched.graph.input[0].name
-    parts: dict[str, list] = {k: [] for k in tapped}
-    for chunk, n in padded_chunks(x, batch, batch):
-        context = execute_onnx(batched, {iname: np.ascontiguousarray(chunk, dtype=np.float32)},
-                               return_full_exec_context=True)
-        for k, t in tapped.items():
-            parts[k].append(np.asarray(context[t.tensor], np.float64)[:n])
-    return {k: np.concatenate(v) for k, v in parts.items()}

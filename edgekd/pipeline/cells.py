@@ -10,10 +10,10 @@ without learned adapters, where that is the same computation: the QAT phase seed
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core import jsonfile
 from ..core.errors import EdgekdError
 from ..core.fsutil import write_json
 from .common import Log
@@ -47,7 +47,7 @@ def _message(e: BaseException) -> str:
 def _reused(cell: Cell, run_dir: Path, log: Log) -> dict | None:
     if (run_dir / "metrics.json").is_file():
         log(f"{cell.name}: reusing run {run_dir}")
-        return json.loads((run_dir / "metrics.json").read_text())
+        return jsonfile.read(run_dir / "metrics.json")
     return None
 
 
@@ -60,7 +60,7 @@ def shares_float_phase(method: str) -> bool:
 
 
 def _distill(cell: Cell, opts, run_dir: Path, float_from: Path | None, log: Log) -> dict:
-    from ..config.options import DistillOptions
+    from ..config.options import QAT_TEMPERATURE_METHODS, DistillOptions
     from ..models import split_weights
     from .distill import distill
 
@@ -71,9 +71,11 @@ def _distill(cell: Cell, opts, run_dir: Path, float_from: Path | None, log: Log)
     if float_from is not None and (float_from / "float.pt").is_file():
         student, float_epochs = f"{split_weights(opts.student)[0]}={float_from / 'float.pt'}", 0
         log(f"{cell.name}: QAT starts from the float student of {float_from.name}")
+    temperature = opts.qat_temp if cell.method in QAT_TEMPERATURE_METHODS else None  # others have no such T
     dopts = DistillOptions(data=opts.data, teacher=opts.teacher, student=student, weight_bits=cell.bits,
                            act_bits=cell.bits, target=opts.target, method=cell.method, epochs=opts.epochs,
                            float_epochs=float_epochs, teacher_epochs=opts.teacher_epochs, seed=cell.seed,
+                           qat_temperature=temperature, qat_lr=opts.qat_lr,
                            progress=opts.progress, config=opts.config, layer_bits=list(opts.layer_bits) or None,
                            **opts.read)
     log(f"{cell.name}: distilling into {run_dir}")
@@ -136,8 +138,8 @@ def _valid_row(r) -> bool:
 def cached_rows(file: Path) -> list[dict] | None:
     """The bench rows a sweep kept in ``file``, or None when it holds anything else."""
     try:
-        rows = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        rows = jsonfile.read(file)
+    except (OSError, ValueError):
         return None
     return rows if isinstance(rows, list) and rows and all(_valid_row(r) for r in rows) else None
 
@@ -167,7 +169,7 @@ def run_cell(cell: Cell, opts, root: Path, settings, budgets, profile: str | Non
             metrics = _quantize(cell, opts, paths["run"], source, log)
         elif cell.method == "fp32":
             paths["run"] = source
-            metrics = json.loads((source / "metrics.json").read_text())
+            metrics = jsonfile.read(source / "metrics.json")
         else:
             metrics = _distill(cell, opts, paths["run"], source, log)
         stage = "export"

@@ -356,9 +356,11 @@ def load_float(run_dir: Path, student: str | None = None, trust_code: bool = Fal
     if not path.is_file():
         raise MissingFileError(f"{run_dir} holds no float student (float.pt)",
                                "distill with a float phase (--float-epochs > 0, the default) to keep one")
-    model, meta = models.load_model(path, arch=student, trust_code=trust_code,
-                                    how=f"export {run_dir} --float --student ARCH")
+    ckpt = models.load_checkpoint(path)
+    meta = ckpt["meta"]
     models.check_meta(meta, path, STUDENT_META[:-1])
+    model = export_model(student, meta, path, run_dir, trust_code)  # an nn.Module from the Python API too
+    models.load_weights(model, ckpt["state_dict"], str(path))
     return model.eval(), meta
 
 

@@ -1,13 +1,16 @@
 """Explain: which layer of a quantized student breaks, measured on real samples.
 
 For a run (its student, rebuilt) or a bundle (its run's student, the bundle's eval samples and its
-ONNX graph), per Conv / Linear layer: the SQNR between the float student and the fake-quant one
-with only that layer quantized (``logits_db`` at the logits, the ranking: worst first;
-``isolated_db`` at the layer's output, ``weights_db`` / ``inputs_db`` for its weights or inputs
-alone), with the whole model quantized (``cumulative_db``), and, for ONNX Runtime and QONNX bundles, between
-the fake-quant student and the runtime at the layer's requantized output (``runtime_db``; None where
-they agree exactly, ``runtime_levels_off`` the share of values on another integer level).
-See quant.sensitivity (the PyTorch side) and export.probe (the runtime side).
+ONNX graph), per Conv / Linear layer: what raising it to float in the quantized model gains at the
+logits (``gain_db``, the default ranking: most first; per layer type too, ``groups``); the SQNR
+between the float student and the fake-quant one with only that layer quantized (``logits_db`` at
+the logits, ranking ``alone``: worst first; ``isolated_db`` at the layer's output, ``weights_db`` /
+``inputs_db`` for its weights or inputs alone), with the whole model quantized (``cumulative_db``),
+and, where the bundle's backend can run its graph with tapped outputs (``Backend.run_tapped``: ONNX
+Runtime, QONNX), between the fake-quant student and the runtime at the layer's requantized output
+(``runtime_db``; None where they agree exactly, ``runtime_levels_off`` the share of values on another
+integer level). The float reference of a student trained with its quantizers is its float student
+(``_probe``). See quant.sensitivity (the PyTorch side) and export.probe (the runtime side).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ MIN_SAMPLES, MAX_SAMPLES = 1, 100_000
 
 
 def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, run_dir: str | Path | None = None,
-            student: str | None = None, trust_code: bool = False, log: Log = quiet) -> dict:
+            student: str | None = None, trust_code: bool = False, log: Log = quiet, rank: str = "gain") -> dict:
     """Per-layer errors of the quantized student of ``source`` (a bundle or a run directory; default
     the latest bundle, else the latest run), on at most ``samples`` test images. ``run_dir``: the
     run a bundle was exported from, when it has moved. Returns a JSON-ready dict whose ``layers``
-    are sorted worst first (lowest isolated SQNR)."""
+    are ranked by ``rank``: "gain" (most gained by raising the layer first) or "alone" (lowest SQNR
+    at the logits with only that layer quantized first); ``groups``: the gains per layer type."""
     import torch
 
     from ..quant import layerbits, sensitivity
@@ -38,13 +42,16 @@ def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, ru
 
     if isinstance(samples, bool) or not isinstance(samples, int) or not MIN_SAMPLES <= samples <= MAX_SAMPLES:
         raise EdgekdError(f"--samples must be an integer between {MIN_SAMPLES} and {MAX_SAMPLES}, got {samples!r}")
+    if rank not in sensitivity.RANKS:
+        raise EdgekdError(f"--rank must be one of {', '.join(sensitivity.RANKS)}, got {shown(rank, 40)}")
     bundle, manifest, run = _resolve(source, run_dir)
     qmodel, meta = load_student(run, student, trust_code)
     if bundle is not None:
         _check_same_student(bundle, manifest, run, meta)
     x = _samples(bundle, manifest, meta, samples)
     log(f"explaining {bundle or run}: {len(x)} test samples, {len(layerbits.compute_nodes(qmodel))} layers")
-    rows, extra = sensitivity.layer_errors(qmodel, torch.from_numpy(x))
+    probe, reference = _probe(run, qmodel, student, trust_code, torch.from_numpy(x))
+    rows, extra = sensitivity.layer_errors(qmodel, torch.from_numpy(x), probe=probe)
     logits, note = dict(extra["logits"]), None
     if bundle is not None:
         runtime, note = _runtime(bundle, manifest, qmodel, x, log)
@@ -56,7 +63,34 @@ def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, ru
     return {"source": str(bundle or run), "run_dir": str(run), "bundle_dir": str(bundle) if bundle else None,
             "target": manifest.get("target") if manifest else None, "samples": int(len(x)),
             "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "layer_bits": spec.layer_rules_text,
-            "logits": logits, "runtime_note": note, "layers": sensitivity.worst_first(rows)}
+            "reference": reference, "logits": logits, "runtime_note": note, "rank": rank,
+            "layers": sensitivity.RANKS[rank](rows), "groups": extra["groups"]}
+
+
+def _probe(run: Path, qmodel, student, trust_code: bool, x) -> tuple[object, str]:
+    """The model the per-layer sensitivities are measured on (quant.sensitivity.layer_errors), and what
+    the float reference is, in words. A post-training-quantized student is its own probe (its
+    quantizers off give its float weights). A student trained with its quantizers never ran with them
+    off: its float student (``float.pt``, where QAT started) quantized at the same bits, the activation
+    scales calibrated on the samples ``x``, is measured instead."""
+    from ..core import jsonfile
+    from ..quant.ptq import post_training_quantize
+    from .distill import load_float
+
+    try:
+        metrics = jsonfile.read(run / "metrics.json")
+    except (OSError, ValueError):
+        metrics = {}
+    if isinstance(metrics, dict) and metrics.get("method") == "ptq":
+        return qmodel, "the student with its quantizers off (post-training quantized: its float weights)"
+    if not (run / "float.pt").is_file():
+        return qmodel, ("the student's trained weights with its quantizers off: the run has no float student "
+                        "(float.pt), and a student trained with its quantizers never ran without them, so the "
+                        "per-layer figures may mislead")
+    model, _ = load_float(run, student, trust_code)
+    probe = post_training_quantize(model, qmodel.edgekd_spec, x, bias_correction=False)
+    return probe, (f"the float student (float.pt); per-layer figures on it quantized at the run's bits, scales "
+                   f"calibrated on the {len(x)} samples")
 
 
 def _resolve(source, run_dir) -> tuple[Path | None, dict | None, Path]:
@@ -157,10 +191,21 @@ def _layer_calls(gm) -> list[tuple[str, tuple]]:
 
 def _runtime(bundle: Path, manifest: dict, qmodel, x: np.ndarray, log: Log) -> tuple[dict, str | None]:
     """The runtime's value at every layer's requantized output (and ``logits``), and a note when the
-    runtime side could not be measured."""
-    backend = manifest.get("backend")
-    if backend not in ("onnxruntime", "qonnx"):
-        return {}, f"runtime comparison is done for ONNX Runtime and QONNX bundles; this one is {backend}"
+    runtime side could not be measured: a backend without ``run_tapped`` (the note names those with it)."""
+    from ..backends import get_backend, implementing
+
+    def cannot() -> tuple[dict, str]:
+        titles = [b.title or b.name for b in implementing("run_tapped")] or ["no"]
+        listed = ", ".join(titles[:-1]) + " and " + titles[-1] if len(titles) > 1 else titles[0]
+        return {}, (f"runtime comparison is done for {listed} bundles; this one is "
+                    f"{shown(manifest.get('backend'), 60)}")
+
+    try:
+        backend = get_backend(manifest.get("backend"))
+    except (EdgekdError, ImportError):  # a name no backend has (or a plug-in that fails to import)
+        backend = None
+    if backend not in implementing("run_tapped"):
+        return cannot()
     path = bundle / "model.onnx"
     if not path.is_file():
         return {}, f"{path} is missing: no graph to read layer outputs from"
@@ -174,11 +219,10 @@ def _runtime(bundle: Path, manifest: dict, qmodel, x: np.ndarray, log: Log) -> t
     except ValueError as e:
         return {}, f"the graph's layers do not line up with the student's ({e})"
     tapped["logits"] = probe.Tap(model.graph.output[0].name)
-    if backend == "qonnx":
-        values = probe.run_qonnx(path, tapped, x)
-    else:
-        values = probe.run_onnxruntime(model, tapped, x)
-    log(f"ran {path.name} through {backend} with {len(tapped) - 1} layer outputs read")
+    values = backend.run_tapped(path, model, tapped, x)
+    if values is None:
+        return cannot()
+    log(f"ran {path.name} through {backend.name} with {len(tapped) - 1} layer outputs read")
     return {k: (v, lambda a, t=tapped[k]: probe.levels(model, t, a)) for k, v in values.items()}, None
 
 
@@ -198,8 +242,9 @@ def _runtime_columns(fake, runtime) -> dict:
 
 
 def plot(result: dict, path) -> Path:
-    """A PNG of the SQNR per layer, worst at the top: at the logits with only the layer quantized
-    (bars), at the layer's output alone (open dots) and with the whole model quantized (dots)."""
+    """A PNG of the layers in ``result``'s ranking, first at the top. Rank ``gain``: bars of what raising
+    each layer to float gains at the logits; rank ``alone``: bars of the SQNR at the logits with only the
+    layer quantized, with its SQNR at its own output (open dots) and with the whole model quantized (dots)."""
     from ..bench.report import check_plot_available
     from ..core.fsutil import atomic_path
 
@@ -207,8 +252,8 @@ def plot(result: dict, path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = result["layers"]
-    keys = ("logits_db", "isolated_db", "cumulative_db")
+    rows, gain = result["layers"], result.get("rank", "alone") == "gain"
+    keys = ("gain_db",) if gain else ("logits_db", "isolated_db", "cumulative_db")
     cap = max([r[k] for r in rows for k in keys if r.get(k) is not None] + [1.0]) + 5
     fig = Figure(figsize=(7, 1.5 + 0.32 * len(rows)), dpi=120)
     FigureCanvasAgg(fig)
@@ -216,15 +261,18 @@ def plot(result: dict, path) -> Path:
     ys = list(range(len(rows)))[::-1]
     colours = {"depthwise": "tab:red", "pointwise": "tab:blue", "conv": "tab:green", "linear": "tab:purple"}
     value = lambda r, k: cap if r[k] is None else r[k]  # noqa: E731  (None: exact)
-    ax.barh(ys, [value(r, "logits_db") for r in rows], color=[colours.get(r["type"], "tab:gray") for r in rows],
-            alpha=0.8, label="logits, only this layer quantized")
-    ax.scatter([value(r, "isolated_db") for r in rows], ys, facecolors="none", edgecolors="black", s=18, zorder=3,
-               label="layer output, only this layer quantized")
-    ax.scatter([value(r, "cumulative_db") for r in rows], ys, color="black", s=14, zorder=3,
-               label="layer output, whole model quantized")
+    ax.barh(ys, [value(r, keys[0]) for r in rows], color=[colours.get(r["type"], "tab:gray") for r in rows],
+            alpha=0.8, label="gain at the logits, this layer raised to float" if gain
+            else "logits, only this layer quantized")
+    if not gain:
+        ax.scatter([value(r, "isolated_db") for r in rows], ys, facecolors="none", edgecolors="black", s=18,
+                   zorder=3, label="layer output, only this layer quantized")
+        ax.scatter([value(r, "cumulative_db") for r in rows], ys, color="black", s=14, zorder=3,
+                   label="layer output, whole model quantized")
     ax.set_yticks(ys, [f"{r['name']} ({r['type']}, W{r['weight_bits']}A{r['act_bits'] or '-'})" for r in rows],
                   fontsize="small")
-    ax.set_xlabel("SQNR vs the float student (dB, higher is better)")
+    ax.set_xlabel("dB gained by raising the layer (more is a better buy)" if gain
+                  else "SQNR vs the float student (dB, higher is better)")
     ax.set_title(f"edgekd explain: {Path(result['source']).name}, W{result['weight_bits']}A{result['act_bits']}"
                  + (f" + {', '.join(result['layer_bits'])}" if result["layer_bits"] else ""), fontsize="medium")
     ax.grid(True, axis="x", alpha=0.3)

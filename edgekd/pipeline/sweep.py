@@ -18,11 +18,11 @@ Functions here return data; they never print or exit (``log`` gets one line at a
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import options as op
+from ..core import jsonfile
 from ..core.errors import EdgekdError
 from ..core.fsutil import RUNS_DIR, SWEEP_FORMAT, check_output, write_json
 from .cells import BASELINES, Cell, cached_rows, cell_paths, run_cell, shares_float_phase  # noqa: F401
@@ -31,7 +31,7 @@ from .common import Log, dataset_name, quiet, slug
 
 # Options that decide what a cell's training produces: a resumed sweep must not mix them.
 RECIPE_KEYS = ("data", "target", "student", "teacher", "epochs", "float_epochs", "teacher_epochs", "seed",
-               "data_options")
+               "data_options", "qat_lr")
 # What the sweep decides, per cell (bits, method, seed) or from its own options: a --config recipe
 # setting one would override it unseen (recipe.apply fills what a cell leaves at its default: a cell
 # named bits8-hinton would train the recipe's bits or method), so a recipe may not.
@@ -51,6 +51,8 @@ class SweepOptions:
     epochs: int | None = op.default("epochs")  # None: each cell's default for its bits (config.options.qat_epochs)
     float_epochs: int = op.default("float_epochs")
     teacher_epochs: int = op.default("teacher_epochs")
+    qat_temp: float | None = None  # --qat-temperature: the QAT-phase T of the hinton / kd cells (None: by bits)
+    qat_lr: float | None = op.default("qat_lr")  # --qat-lr of every trained cell (None: distill's default)
     seed: int = 0
     seeds: tuple[int, ...] | None = None  # several seeds (None: seed alone)
     reference: bool = False  # an fp32 bundle of the float student, per seed
@@ -88,7 +90,7 @@ class SweepOptions:
         """The QAT-phase KD temperature of the trained hinton / kd cells (None without either)."""
         if not set(self.methods) & set(op.QAT_TEMPERATURE_METHODS):
             return None
-        return self._per_bits(lambda b: op.qat_temperature(op.DistillOptions(), b, b))
+        return self._per_bits(lambda b: op.qat_temperature(op.DistillOptions(qat_temperature=self.qat_temp), b, b))
 
     def recipe(self) -> dict:
         from ..data.options import DataOptions
@@ -123,8 +125,8 @@ def check_recipe(root: Path, recipe: dict) -> None:
     file = root / "sweep.json"
     if file.is_file():
         try:
-            old = json.loads(file.read_text(encoding="utf-8")).get("recipe", {})
-        except (ValueError, UnicodeDecodeError, AttributeError):
+            old = jsonfile.read(file).get("recipe", {})
+        except (ValueError, AttributeError):
             raise EdgekdError(f"{file} is damaged (not a JSON object with the sweep's options)",
                               "delete it to start the sweep root afresh, or use another --out") from None
         diff = [f"{k} {old.get(k)!r} -> {recipe[k]!r}" for k in recipe if old.get(k) != recipe[k]]
@@ -144,6 +146,7 @@ def run_sweep(opts: SweepOptions, log: Log = quiet, settings=None) -> SweepResul
     from .. import bench, catalog
 
     check_lists(opts)
+    check_qat(opts)
     if opts.layer_bits:  # as is a bad --layer-bits rule
         from ..config.layerbits import rules_from
 
@@ -197,6 +200,17 @@ def check_lists(opts: SweepOptions) -> None:
     for seed in opts.seeds or ():
         op.check("seed", seed, "every seed of --seeds")
     op.check("seed", opts.seed, "--seed")
+
+
+def check_qat(opts: SweepOptions) -> None:
+    """--qat-temperature and --qat-lr as distill checks them: in bounds, and a QAT temperature only
+    for a sweep with a hinton or kd cell (it goes to those cells; the others have no such T)."""
+    op.check("qat_temperature", opts.qat_temp, "--qat-temperature")
+    op.check("qat_lr", opts.qat_lr, "--qat-lr")
+    if opts.qat_temp is not None and not set(opts.methods) & set(op.QAT_TEMPERATURE_METHODS):
+        raise EdgekdError(f"--qat-temperature sets the QAT-phase temperature of the "
+                          f"{' or '.join(op.QAT_TEMPERATURE_METHODS)} cells, and --methods lists neither",
+                          "leave it out, or add one of them to --methods")
 
 
 def check_models(opts: SweepOptions) -> None:

@@ -9,6 +9,7 @@ from fnmatch import fnmatchcase
 
 from ..config.layerbits import (TYPES, LayerRule, capped, parse_table, parse_text, rules_from,  # noqa: F401
                                 TABLE_KEYS)
+from ..config.options import shown
 from ..core.errors import ConfigError
 from ..core.registry import suggest
 
@@ -71,8 +72,8 @@ def resolve(layers: list[tuple[str, object]], rules: tuple[LayerRule, ...], base
     for rule in rules:
         hit = [path for i, (path, m) in enumerate(layers) if matches(rule, path, _types(m, i, len(layers)))]
         if not hit:
-            close = "".join(suggest(g, TYPES) for g in rule.layers[:1])  # a misspelt type reads as a glob
-            raise ConfigError(f"--layer-bits pattern {rule.pattern!r} matches no Conv or Linear layer of the student"
+            close = "".join(suggest(g[:100], TYPES) for g in rule.layers[:1])  # a misspelt type reads as a glob
+            raise ConfigError(f"--layer-bits pattern {shown(rule.pattern, 80)} matches no Conv or Linear layer of the student"
                               f"{close}",
                               f"its layers: {_listing([p for p, _ in layers])}")
         for path in hit:

@@ -1,8 +1,10 @@
 """Where a quantized student loses accuracy: per Conv / Linear layer, the error between the float
 and the fake-quant model, measured on real samples (``edgekd explain``).
 
-The float reference is the quantized model itself with every quantizer off (same weights, batch
-norms merged), so that only quantization differs, not training. Per layer, as SQNR in dB
+The float reference is a quantized model with every quantizer off (same weights, batch norms
+merged), so that only quantization differs, not training: the student itself after post-training
+quantization, the float student quantized by calibration for a student trained with its quantizers
+(``layer_errors``'s ``probe``; its quantizers off never were a float model). Per layer, as SQNR in dB
 (10 log10 of signal over error power, higher is better):
 
 - ``logits_db``: at the logits, with only this layer quantized (its weights and the activations it
@@ -10,7 +12,14 @@ norms merged), so that only quantization differs, not training. Per layer, as SQ
   that says which layer breaks, as per-layer sensitivity analyses do (AIMET, NNCF);
 - ``isolated_db``: the same, at this layer's own output; ``weights_db`` / ``inputs_db``: only its
   weights / only its input activations quantized (which of W and A to raise);
-- ``cumulative_db``: the whole model quantized: the error that has reached this layer's output.
+- ``cumulative_db``: the whole model quantized: the error that has reached this layer's output;
+- ``raised_db``: at the logits, the whole model quantized but this layer (its weights and the
+  quantizer in front of it, which other layers reading the same activations share) in float, and
+  ``gain_db``, its gain over the whole model quantized: what keeping this layer at more bits buys
+  (AIMET's per-layer "disable one quantizer" analysis). In a model trained with its quantizers
+  (QAT), this is the measure that ranks: the trained scales clip float activations, so "this layer
+  alone" is measured far from where the model was trained; the same per layer type (``groups``:
+  every depthwise layer raised together, ...), which is what ``--layer-bits depthwise=W8A8`` does.
 
 Biases stay in float while measuring (an int32 bias needs its input's scale, which a float input
 lacks; its rounding error is negligible against the weights' and activations').
@@ -129,30 +138,88 @@ def _alone(gm, x, node, ref: dict, batch: int) -> dict:
             "inputs_db": sqnr(ref[node.name], a_only) if a_only is not None else None}
 
 
-def layer_errors(gm, x: torch.Tensor, batch: int = 256) -> tuple[list[dict], dict]:
+def _raised(gm, x, off: set, ref_out: np.ndarray, base: dict | None, batch: int) -> dict:
+    """The whole model quantized but the quantizers ``off`` (biases in float, as everywhere here): at
+    the logits, SQNR and top-1 agreement with the float model, and the gain in dB over ``base`` (the
+    same with nothing off; None: this is the base)."""
+    from brevitas.proxy.parameter_quant import BiasQuantProxyFromInjector
+
+    with quantized_only(gm, {p for p in _proxies(gm) if not isinstance(p, BiasQuantProxyFromInjector)} - off):
+        out = record(gm, x, set(), batch)["output"]
+    db = sqnr(ref_out, out)
+    gain = None if base is None or db is None or base["raised_db"] is None else db - base["raised_db"]
+    return {"raised_db": db, "gain_db": gain, "raised_agreement": float(np.mean(ref_out.argmax(1) == out.argmax(1)))}
+
+
+def groups(gm, x, rows: list[dict], ref_out: np.ndarray, base: dict, batch: int = 256) -> list[dict]:
+    """Per layer type of ``rows`` (depthwise, pointwise, conv, linear): every layer of that type
+    raised to float together (``_raised``), and ``alone_db``, the SQNR at the logits with only that
+    type's layers quantized (weights and inputs; the rest in float); the most gaining type first."""
+    by_type: dict[str, list[str]] = {}
+    for r in rows:
+        by_type.setdefault(r["type"], []).append(r["name"])
+    nodes = {n.target: n for n in layerbits.compute_nodes(gm)}
+    out = []
+    for kind, names in by_type.items():
+        off = set().union(*(a | b for a, b in (_layer_proxies(gm, nodes[n]) for n in names)))
+        with quantized_only(gm, off):
+            alone = sqnr(ref_out, record(gm, x, set(), batch)["output"])
+        out.append({"group": kind, "layers": names, "alone_db": alone} | _raised(gm, x, off, ref_out, base, batch))
+    return most_gain_first(out)
+
+
+def layer_errors(gm, x: torch.Tensor, batch: int = 256, probe=None) -> tuple[list[dict], dict]:
     """Per Conv / Linear layer of quantized graph module ``gm`` (graph order): name, type, bits,
-    ``isolated_db`` and ``cumulative_db`` on the images ``x``; and the logits' comparison
-    (``logits``: SQNR and top-1 agreement float vs fake-quant) with the fake-quant values of every
-    layer's output quantizer (``taps``, for the runtime comparison)."""
-    gm.eval()
-    nodes = layerbits.compute_nodes(gm)
+    weight parameters, the SQNRs of the module docstring on the images ``x``; and the logits'
+    comparison (``logits``: SQNR and top-1 agreement float vs fake-quant, and the same for the probe
+    with biases in float, the base of the gains), the per-type ``groups``, and the fake-quant values
+    of every layer's output quantizer (``taps``, for the runtime comparison).
+
+    ``probe`` (default ``gm``): a model quantized as ``gm`` (the same layers and bits) whose
+    quantizers off give the float student, on which the per-layer sensitivities (``logits_db``,
+    ``isolated_db``, ``weights_db``, ``inputs_db``, ``raised_db``, ``gain_db``, ``groups``) are measured
+    and against which ``gm``'s layer outputs and logits are compared. For a student trained with its
+    quantizers (QAT), ``gm`` with its quantizers off was never a float model: pass its float student
+    quantized by calibration (pipeline.explain)."""
+    probe = gm if probe is None else probe
+    gm.eval(), probe.eval()
+    nodes, probe_nodes = layerbits.compute_nodes(gm), layerbits.compute_nodes(probe)
+    if [n.target for n in nodes] != [n.target for n in probe_nodes]:
+        raise ValueError("the probe model's Conv / Linear layers are not the student's")
     taps = {n.name: q.name for n in nodes if (q := output_quantizer(gm, n)) is not None}
-    names = {n.name for n in nodes}
-    with quantized_only(gm, set()):
-        ref = record(gm, x, names, batch)
+    with quantized_only(probe, set()):
+        ref = record(probe, x, {n.name for n in probe_nodes}, batch)
     with quantized_only(gm, None):
-        fake = record(gm, x, names | set(taps.values()), batch)
-    rows = [row | _alone(gm, x, node, ref, batch) | {"cumulative_db": sqnr(ref[node.name], fake[node.name])}
-            for row, node in zip(layerbits.table(gm), nodes)]
+        fake = record(gm, x, {n.name for n in nodes} | set(taps.values()), batch)
+    base = _raised(probe, x, set(), ref["output"], None, batch)
+    rows = [row | {"params": int(probe.get_submodule(pn.target).weight.numel())} | _alone(probe, x, pn, ref, batch)
+            | {"cumulative_db": sqnr(ref[pn.name], fake[node.name])}
+            | _raised(probe, x, set.union(*_layer_proxies(probe, pn)), ref["output"], base, batch)
+            for row, node, pn in zip(layerbits.table(gm), nodes, probe_nodes)]
     logits = {"sqnr_db": sqnr(ref["output"], fake["output"]),
-              "top1_agreement": float(np.mean(ref["output"].argmax(1) == fake["output"].argmax(1)))}
+              "top1_agreement": float(np.mean(ref["output"].argmax(1) == fake["output"].argmax(1))),
+              "probe_sqnr_db": base["raised_db"], "probe_agreement": base["raised_agreement"]}
     tap_values = {n.target: fake[taps[n.name]] for n in nodes if n.name in taps}
-    return rows, {"logits": logits, "taps": tap_values, "fake_logits": fake["output"]}
+    return rows, {"logits": logits, "taps": tap_values, "fake_logits": fake["output"],
+                  "groups": groups(probe, x, rows, ref["output"], base, batch)}
 
 
 def worst_first(rows: list[dict], key: str = "logits_db") -> list[dict]:
     """``rows`` sorted by ``key`` ascending (lowest SQNR, the worst, first; exact comparisons last)."""
     return sorted(rows, key=lambda r: math.inf if r.get(key) is None else r[key])
+
+
+def most_gain_first(rows: list[dict]) -> list[dict]:
+    """``rows`` sorted by ``gain_db`` descending (the layer or type whose raise gains most first; one
+    whose raise leaves the logits exact, ``raised_db`` None, before all)."""
+    def key(r):
+        if r.get("raised_db", 0.0) is None:
+            return -math.inf
+        return math.inf if r.get("gain_db") is None else -r["gain_db"]
+    return sorted(rows, key=key)
+
+
+RANKS = {"gain": most_gain_first, "alone": worst_first}  # explain --rank
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from . import distributed as dd
-from ..core import interrupts
+from ..core import interrupts, jsonfile
 from ..core.errors import CheckpointError, ConfigError, EdgekdError, MissingFileError
 from ..core.fsutil import atomic_path, remove, write_json
 
@@ -177,7 +177,7 @@ class RunCheckpoints:
         saved_path, options = Path(root) / "options.json", _plain(options)
         if resume == "auto":
             try:
-                return json.loads(saved_path.read_text()) == options
+                return jsonfile.read(saved_path) == options
             except (OSError, ValueError):
                 return False
         if not resume:
@@ -186,7 +186,7 @@ class RunCheckpoints:
             raise MissingFileError(f"nothing to resume: {root} holds no interrupted run",
                                    "run without --resume to start, or give the --out of the interrupted run")
         try:
-            saved = json.loads(saved_path.read_text())
+            saved = jsonfile.read(saved_path)
         except (OSError, ValueError):
             raise CheckpointError(f"{saved_path} is unreadable", "run without --resume to start over") from None
         if not isinstance(saved, dict):

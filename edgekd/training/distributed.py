@@ -134,13 +134,17 @@ def shard(idx: torch.Tensor) -> torch.Tensor:
     return idx[rank()::world()] if world() > 1 else idx
 
 
+COMM_DEVICES = {"nccl": "cuda"}  # process-group backend -> the device kind its collectives take tensors on
+COMM_DEFAULT = "cpu"  # any other backend (gloo)
+
+
 def comm_device(backend: str | None = None) -> torch.device:
-    """Where a collective's tensors must live: this process's GPU for nccl (it takes CUDA tensors
-    only), the CPU otherwise (gloo). ``backend``: the process group's when not given."""
-    backend = backend or dist.get_backend()
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where a collective's tensors must live (``COMM_DEVICES``): this process's GPU for nccl (it
+    takes CUDA tensors only), the CPU otherwise (gloo). ``backend``: the process group's when not given."""
+    kind = COMM_DEVICES.get(str(backend or dist.get_backend()), COMM_DEFAULT)
+    if kind == "cpu":
+        return torch.device("cpu")
+    return torch.device(kind, getattr(torch, kind).current_device())
 
 
 def all_sum(*values: float) -> list[float]:
