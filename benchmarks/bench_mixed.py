@@ -125,8 +125,7 @@ def alone_key(g: dict) -> float:
 
 def packed_from_explain(why: dict) -> int:
     """Packed weight bytes of the explained model (its layers' parameters at their weight bits)."""
-    return sum(-(-r["params"] * r["weight_bits"] // 8) for r in why["layers"]) if all(
-        "params" in r for r in why["layers"]) else -1
+    return sum(-(-r["params"] * r["weight_bits"] // 8) for r in why["layers"])
 
 
 def ort_ptq(args, work: Path, float_run: str, calib: int = 1024) -> list[dict]:

@@ -46,9 +46,14 @@ class AsciiNumber(click.ParamType):
         if isinstance(value, self.kind) and not isinstance(value, bool):
             return value
         text = str(value)
-        if not text.isascii() or "_" in text:
-            self.fail(f"{op.shown(text, 40)} is not a valid {self.name} (ASCII digits only)", param, ctx)
+        _ascii_only(self, text, self.name, param, ctx)
         return (click.INT if self.kind is int else click.FLOAT).convert(text, param, ctx)
+
+
+def _ascii_only(kind: click.ParamType, text: str, name: str, param, ctx) -> None:
+    """Fail ``kind``'s conversion of ``text`` unless it is ASCII without underscores (AsciiNumber)."""
+    if not text.isascii() or "_" in text:
+        kind.fail(f"{op.shown(text, 40)} is not a valid {name} (ASCII digits only)", param, ctx)
 
 
 INT, FLOAT = AsciiNumber(int), AsciiNumber(float)
@@ -58,8 +63,8 @@ class AsciiIntRange(click.IntRange):
     """click.IntRange, written in ASCII digits only (as AsciiNumber)."""
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and (not value.isascii() or "_" in value):
-            self.fail(f"{op.shown(value, 40)} is not a valid integer (ASCII digits only)", param, ctx)
+        if isinstance(value, str):
+            _ascii_only(self, value, "integer", param, ctx)
         return super().convert(value, param, ctx)
 
 

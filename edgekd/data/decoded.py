@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from ..core.errors import ConfigError, EdgekdError, WorkerFailure
-from ..core.fsutil import _os_error, atomic_path, write_json
+from ..core.fsutil import _os_error, atomic_path, sha256_file, write_json
 
 FORMAT = "edgekd-image-cache-3"  # 2: the pixels' SHA-256 in KEY.json; 16-bit images scaled, not clipped; 3: EXIF turned
 CACHE_MODES = ("auto", "on", "off")
@@ -145,7 +145,7 @@ def inspect(key: str, shape: tuple[int, int, int, int], folder: Path) -> tuple[D
         size = data.stat().st_size
         if size != int(np.prod(shape)):
             return None, f"{data} holds {size} bytes, not the {int(np.prod(shape))} its record gives"
-        if digest(data) != info.get("sha256"):
+        if sha256_file(data) != info.get("sha256"):
             return None, f"{data} does not match its checksum (damaged or changed since it was written)"
         ok = _ok_rows(info.get("bad_rows"), shape[0])
     except (OSError, ValueError, TypeError) as e:
@@ -173,15 +173,6 @@ def _ok_rows(bad, n: int) -> np.ndarray:
     ok = np.ones(n, dtype=bool)
     ok[rows] = False
     return ok
-
-
-def digest(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes, read ``chunk`` bytes at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def open_or_build(key: str, shape: tuple[int, int, int, int], decode: Callable[[int], np.ndarray | None],
@@ -239,7 +230,7 @@ def build(key: str, shape: tuple[int, int, int, int], decode: Callable[[int], np
                     out[i] = pixels
         out.flush()
         del out
-        checksum = digest(tmp)
+        checksum = sha256_file(tmp)
     write_json(folder / f"{key}.json", {"format": FORMAT, "shape": list(shape), "bad_rows": bad, "sha256": checksum})
     return DecodedImages(data, shape, _ok_rows(bad, shape[0]))
 

@@ -46,11 +46,12 @@ def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, ru
         raise EdgekdError(f"--rank must be one of {', '.join(sensitivity.RANKS)}, got {shown(rank, 40)}")
     bundle, manifest, run = _resolve(source, run_dir)
     qmodel, meta = load_student(run, student, trust_code)
+    metrics = _run_metrics(run)
     if bundle is not None:
-        _check_same_student(bundle, manifest, run, meta)
+        _check_same_student(bundle, manifest, run, meta, metrics)
     x = _samples(bundle, manifest, meta, samples)
     log(f"explaining {bundle or run}: {len(x)} test samples, {len(layerbits.compute_nodes(qmodel))} layers")
-    probe, reference = _probe(run, qmodel, student, trust_code, torch.from_numpy(x))
+    probe, reference = _probe(run, metrics, qmodel, student, trust_code, torch.from_numpy(x))
     rows, extra = sensitivity.layer_errors(qmodel, torch.from_numpy(x), probe=probe)
     logits, note = dict(extra["logits"]), None
     if bundle is not None:
@@ -67,21 +68,27 @@ def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, ru
             "layers": sensitivity.RANKS[rank](rows), "groups": extra["groups"]}
 
 
-def _probe(run: Path, qmodel, student, trust_code: bool, x) -> tuple[object, str]:
+def _run_metrics(run: Path) -> dict:
+    """The run's metrics.json (bounded: core.jsonfile), or {} when it is missing, unreadable or not a table."""
+    from ..core import jsonfile
+
+    try:
+        metrics = jsonfile.read(run / "metrics.json")
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def _probe(run: Path, metrics: dict, qmodel, student, trust_code: bool, x) -> tuple[object, str]:
     """The model the per-layer sensitivities are measured on (quant.sensitivity.layer_errors), and what
     the float reference is, in words. A post-training-quantized student is its own probe (its
     quantizers off give its float weights). A student trained with its quantizers never ran with them
     off: its float student (``float.pt``, where QAT started) quantized at the same bits, the activation
     scales calibrated on the samples ``x``, is measured instead."""
-    from ..core import jsonfile
     from ..quant.ptq import post_training_quantize
     from .distill import load_float
 
-    try:
-        metrics = jsonfile.read(run / "metrics.json")
-    except (OSError, ValueError):
-        metrics = {}
-    if isinstance(metrics, dict) and metrics.get("method") == "ptq":
+    if metrics.get("method") == "ptq":
         return qmodel, "the student with its quantizers off (post-training quantized: its float weights)"
     if not (run / "float.pt").is_file():
         return qmodel, ("the student's trained weights with its quantizers off: the run has no float student "
@@ -131,21 +138,14 @@ def _resolve(source, run_dir) -> tuple[Path | None, dict | None, Path]:
     return path, manifest, find_run(run)
 
 
-def _check_same_student(bundle: Path, manifest: dict, run: Path, meta: dict) -> None:
+def _check_same_student(bundle: Path, manifest: dict, run: Path, meta: dict, metrics: dict) -> None:
     """Refuse a run that is not the one the bundle was exported from (``--run`` naming another run, or
     the run distilled again since): its runtime columns would compare two different students. The
-    manifest records the run's architecture, quantization spec and student accuracy; all must agree."""
-    import json
-
-    metrics_file = run / "metrics.json"
-    try:
-        metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
-    except (OSError, ValueError, UnicodeDecodeError):
-        metrics = {}
+    manifest records the run's architecture, quantization spec and student accuracy; all must agree.
+    ``metrics``: the run's metrics.json (``_run_metrics``)."""
     pairs = [("architecture", manifest.get("student"), meta.get("arch")),
              *_quant_pairs(manifest.get("quant"), meta.get("quant"))]
-    ours, theirs = manifest.get("distill_student_accuracy"), metrics.get("student_accuracy") \
-        if isinstance(metrics, dict) else None
+    ours, theirs = manifest.get("distill_student_accuracy"), metrics.get("student_accuracy")
     if isinstance(ours, float) and isinstance(theirs, float):
         pairs.append(("student accuracy", ours, theirs))
     differ = [f"{what} {shown(a, 60)} in the bundle, {shown(b, 60)} in the run" for what, a, b in pairs if a != b]

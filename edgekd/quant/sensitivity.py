@@ -16,10 +16,8 @@ quantization, the float student quantized by calibration for a student trained w
 - ``raised_db``: at the logits, the whole model quantized but this layer (its weights and the
   quantizer in front of it, which other layers reading the same activations share) in float, and
   ``gain_db``, its gain over the whole model quantized: what keeping this layer at more bits buys
-  (AIMET's per-layer "disable one quantizer" analysis). In a model trained with its quantizers
-  (QAT), this is the measure that ranks: the trained scales clip float activations, so "this layer
-  alone" is measured far from where the model was trained; the same per layer type (``groups``:
-  every depthwise layer raised together, ...), which is what ``--layer-bits depthwise=W8A8`` does.
+  (AIMET's per-layer "disable one quantizer" analysis); the same per layer type (``groups``: every
+  depthwise layer raised together, ...), which is what ``--layer-bits depthwise=W8A8`` does.
 
 Biases stay in float while measuring (an int32 bias needs its input's scale, which a float input
 lacks; its rounding error is negligible against the weights' and activations').
