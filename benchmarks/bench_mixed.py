@@ -87,7 +87,7 @@ def train_cell(args, label: str, float_pt: Path, work: Path, sizes: dict) -> dic
     extra = {"auto_bits": True, "budget": f"size={sizes[size_of]}B"} if wbits == "auto" else {"weight_bits": wbits}
     teacher = loaded(args, float_pt).eval() if args.kd else None
     opts = api.DistillOptions(data=args.data, method="hinton" if args.kd else "none", act_bits=abits,
-                              layer_bits=rules or None, float_epochs=0, epochs=args.epochs, lr=args.lr,
+                              layer_bits=rules or None, float_epochs=0, epochs=args.epochs, lr=args.lr, qat_lr=args.qat_lr,
                               train_limit=args.train_limit or None, seed=args.seed, target=args.target,
                               progress=False, **extra)
     torch.manual_seed(args.seed)
@@ -176,6 +176,8 @@ def main() -> None:
     p.add_argument("--w8-epochs", type=int, default=1, help="QAT epochs of the W8A8 cell (trained with the float)")
     p.add_argument("--epochs", type=int, default=6, help="QAT epochs of every other cell")
     p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--qat-lr", type=float, default=None,
+                   help="QAT lr of the low-bit cells (default: edgekd's; at 0.005 the 60k-image W2A2/W4A4 cells diverged)")
     p.add_argument("--kd", action="store_true", help="the float student teaches every QAT cell (Hinton KD)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", default="onnxruntime-cpu")
@@ -214,7 +216,7 @@ def budget_text(args, seconds: float, w8: dict) -> str:
     images = f"first {args.train_limit}" if args.train_limit else "all"
     return (f"{args.model}, {args.data}, {images} training images, {args.float_epochs} float epochs (lr {args.lr}, "
             f"float student {w8['student_float_accuracy']:.2%} in PyTorch), W8A8 {args.w8_epochs} QAT epoch(s), "
-            f"{args.epochs} QAT epochs per other cell, {'KD from the float student' if args.kd else 'QAT only'}, "
+            f"{args.epochs} QAT epochs per other cell (QAT lr {args.qat_lr or 'edgekd default'}), {'KD from the float student' if args.kd else 'QAT only'}, "
             f"target {args.target}, seed {args.seed}, {torch.get_num_threads()} training thread(s), bench "
             f"{args.threads} thread(s), CPU flags {cpu_flags()}, {seconds:.0f}s")
 
