@@ -92,7 +92,7 @@ def train_cell(args, label: str, float_pt: Path, work: Path, sizes: dict) -> dic
                               progress=False, **extra)
     torch.manual_seed(args.seed)
     return api.distill(opts, out=work / slug(label) / "run", overwrite=True, student=loaded(args, float_pt),
-                       teacher=teacher)
+                       teacher=teacher, student_trained=True)  # float.pt in the run: explain's reference
 
 
 def slug(label: str) -> str:

@@ -144,3 +144,44 @@ def test_students_with_depthwise_convolutions_keep_the_float_lr_in_qat():
     assert lines and "depthwise" in lines[0]
     assert default_qat_lr(2e-3, True, plain) == 5e-4
     assert default_qat_lr(2e-3, False, plain) == 2e-3  # no warm start: QAT from scratch at lr
+
+
+def _after_smooth_quantizers(q) -> list:
+    return [m for node, m in _act_quantizers(q).items()
+            if node.args and mobile._after_smooth(q, node.args[0]) and not all(mobile.is_smooth(q, u) for u in node.users)]
+
+
+@pytest.mark.parametrize("bits,relu,signed", [(2, "unsigned", False), (4, "unsigned", True), (2, "signed", True)])
+def test_after_smooth_quantizers_are_unsigned_at_2_bits_where_the_target_allows(bits, relu, signed):
+    """A signed 2-bit grid keeps one positive level for a Hardswish output; unsigned keeps three (TensorRT's
+    convention, signed activations everywhere, stays)."""
+    q = quant.quantize(tiny_mobile(), quant.QuantSpec(weight_bits=bits, act_bits=bits, act_after_relu=relu))
+    after = _after_smooth_quantizers(q)
+    assert after and {(int(m.act_quant.bit_width()), bool(m.act_quant.is_signed)) for m in after} == {(bits, signed)}
+
+
+def test_a_raised_after_smooth_quantizer_takes_the_signedness_of_its_bits():
+    """W2A2 with the depthwise inputs at 8 bits: those quantizers go back to signed, the rest stay unsigned."""
+    spec = quant.QuantSpec(weight_bits=2, act_bits=2, layer_bits=(quant.layerbits.parse_text("depthwise=W8A8"),))
+    q = quant.quantize(tiny_mobile(), spec)
+    seen = {(int(m.act_quant.bit_width()), bool(m.act_quant.is_signed)) for m in _after_smooth_quantizers(q)}
+    assert seen == {(8, True), (2, False)}
+
+
+def test_every_2_bit_weight_scale_starts_from_the_error_minimising_threshold():
+    def stats(q, depthwise):
+        return {type(m.weight_quant.tensor_quant.scaling_impl.parameter_list_stats.stats.stats_impl).__name__
+                for m in q.modules() if type(m).__name__ in ("QuantConv2d", "QuantLinear")
+                and (getattr(m, "groups", 1) > 1) == depthwise}
+    two = quant.quantize(tiny_mobile(), quant.QuantSpec(weight_bits=2, act_bits=2, first_last_bits="same"))
+    four = quant.quantize(tiny_mobile(), quant.QuantSpec(weight_bits=4, act_bits=4))
+    assert stats(two, False) == {"MSEThreshold"} and stats(two, True) == {"MSEThreshold"}
+    assert stats(four, False) == {"AbsMax"} and stats(four, True) == {"MSEThreshold"}
+
+
+def test_the_threshold_works_per_tensor():
+    torch.manual_seed(0)
+    w = torch.randn(16, 9)
+    t = mobile.MSEThreshold(stats_reduce_dim=None, bit_width=2)(w)
+    err = lambda s: float(((torch.clamp(torch.round(w / s), -1, 1) * s - w) ** 2).sum())  # noqa: E731
+    assert t.dim() == 0 and err(t) < err(w.abs().max()) and err(t) <= min(err(f * w.abs().max()) for f in (0.3, 0.5, 0.7))

@@ -158,3 +158,21 @@ def test_api_exports_the_float_student_of_a_module_run(tmp_path, monkeypatch):
     assert manifest["format"] == "fp32" and manifest["parity"]["top1_agreement"] == 1.0
     with pytest.raises(EdgekdError, match="Python API"):
         api.export(m["run_dir"], "cpu", out=tmp_path / "fp32b", data=data, float_model=True)
+
+
+def test_api_student_trained_keeps_the_module_as_the_float_student(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_set, test_set = _tensors(16, 0), _tensors(4, 1)
+    data = api.TorchData(train_set, test_set, classes=["a", "b", "c"], mean=[0.0], std=[1.0])
+    trained = train_plain(tiny_net(3, 1), train_set.tensors[0].numpy(), train_set.tensors[1].numpy())
+    opts = api.DistillOptions(method="none", weight_bits=8, act_bits=8, epochs=1, float_epochs=0, batch_size=16,
+                              progress=False)
+    lines = []
+    m = api.distill(opts, out=tmp_path / "run", student=trained, data=data, student_trained=True, log=lines.append)
+    saved = torch.load(tmp_path / "run" / "float.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in trained.state_dict().items())  # the module as given
+    assert m["student_float_accuracy"] is not None and any("(from its weights) test accuracy" in s for s in lines)
+    plain = api.distill(opts, out=tmp_path / "plain", student=tiny_net(3, 1), data=data)
+    assert not (tmp_path / "plain" / "float.pt").exists() and plain["student_float_accuracy"] is None
+    with pytest.raises(EdgekdError, match="student_trained=True needs a student= module"):
+        api.distill(opts, out=tmp_path / "none", data=data, student_trained=True)

@@ -25,7 +25,7 @@ from .teachers import resolve_teachers, teacher_specs
 
 def distill(opts: DistillOptions, out: Path | None = None, log: Log = quiet, resume: bool = False,
             overwrite: bool = False, trust_code: bool = False, tensorboard: bool = False, *,
-            teacher=None, student=None, data=None) -> dict:
+            teacher=None, student=None, data=None, student_trained: bool = False) -> dict:
     """Quantized distillation: KD from the teacher while training the student with Brevitas QAT.
 
     The scheme (training.schemes) decides who teaches whom; the objective (kd, from ``method`` or a
@@ -42,9 +42,11 @@ def distill(opts: DistillOptions, out: Path | None = None, log: Log = quiet, res
 
     The Python API may pass objects instead of specs: ``teacher`` (an nn.Module, or a list of them),
     ``student`` (an nn.Module that traces with torch.fx; the run records it as python-api) and
-    ``data`` (an api.TorchData: torch datasets and their class names).
+    ``data`` (an api.TorchData: torch datasets and their class names). ``student_trained``: the
+    student module holds trained float weights, as a student weights file does (QAT warm-starts from
+    it without a float phase, and it is kept as the run's float.pt, explain's float reference).
     """
-    objects = as_objects(data, student, teacher)
+    objects = as_objects(data, student, teacher, student_trained)
     opts = objects.apply(opts)
     joined, loud = join_group(opts)
     try:
@@ -115,7 +117,8 @@ def _plan(opts: DistillOptions, out: Path | None, log: Log, asks: _Asks, resume:
     data = _limit(load_data(opts.data, opts.seed, data_options(opts), asks.objects.data), opts.train_limit)
     if opts.flip is not None:
         data.flip_augment = opts.flip
-    student = make_student(opts.student, data, asks.objects.student, log, asks.trust_code)
+    student = make_student(opts.student, data, asks.objects.student, log, asks.trust_code,
+                           asks.objects.student_trained)
     quant.trace(student.model)  # an untraceable student fails in seconds, not after the teacher
     layerbits.check(student.model, spec)  # a --layer-bits pattern naming no layer too
     auto = autobits.from_options(opts, budget, student, spec, target, order, asks.objects.student is not None) \
@@ -158,7 +161,7 @@ def _distill(opts: DistillOptions, out: Path | None, log: Log, resume: bool, ask
     run = schemes.Run(opts=opts, data=plan.data, spec=plan.spec, new_objective=plan.new_objective,
                       teacher=teacher, log=logf, checkpoints=checkpoints,
                       history=History(board.epoch if board is not None else None), new_student=plan.student.factory,
-                      pretrained=plan.student.weights is not None, auto_bits=plan.auto)
+                      pretrained=plan.student.trained, auto_bits=plan.auto)
     result = schemes.SCHEMES.get(opts.scheme)(run)
     if plan.auto is not None:  # the bits and QAT epochs chosen after the float phase
         spec = result.student.edgekd_spec

@@ -29,6 +29,7 @@ class Objects:
     data: object = None  # api.TorchData
     student: nn.Module | None = None
     teachers: list = field(default_factory=list)  # nn.Modules
+    student_trained: bool = False  # the student module holds trained float weights
 
     def apply(self, opts):
         """``opts`` with the specs the objects replace set to ``python-api`` (what the run records)."""
@@ -42,8 +43,11 @@ class Objects:
         return replace(opts, **changes) if changes else opts
 
 
-def as_objects(data=None, student=None, teacher=None) -> Objects:
+def as_objects(data=None, student=None, teacher=None, student_trained: bool = False) -> Objects:
     """Check and gather the API's objects (``teacher``: one module or a list of them)."""
+    if student_trained and student is None:
+        raise ConfigError("student_trained=True needs a student= module",
+                          "pass the trained module as student=, or give its weights in the student spec (ARCH=WEIGHTS)")
     teachers = [] if teacher is None else list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
     for what, value in [("student", student)] + [("teacher", t) for t in teachers]:
         if value is not None and not isinstance(value, nn.Module):
@@ -52,7 +56,7 @@ def as_objects(data=None, student=None, teacher=None) -> Objects:
     if data is not None and not hasattr(data, "dataset"):
         raise ConfigError(f"data= must be an api.TorchData, got {type(data).__name__}",
                           "wrap your datasets: api.TorchData(train, test, classes=[...])")
-    return Objects(data, student, teachers)
+    return Objects(data, student, teachers, bool(student_trained))
 
 
 @dataclass
@@ -66,17 +70,24 @@ class Student:
     new_head: bool
     factory: Callable[[], nn.Module]
     notes: list = field(default_factory=list)  # what loading its weights repaired (a new head, the stem)
+    module_trained: bool = False  # a Python API module given as trained (distill's student_trained)
+
+    @property
+    def trained(self) -> bool:
+        """Whether the student starts from trained float weights (a weights file or a trained module)."""
+        return self.weights is not None or self.module_trained
 
 
 def make_student(spec: str, data, module: nn.Module | None = None, log: Log = quiet,
-                 trust_code: bool = False) -> Student:
+                 trust_code: bool = False, trained: bool = False) -> Student:
     """The student of a run (see the module docstring)."""
     from .. import models
 
     if module is not None:
         pristine = copy.deepcopy(module).cpu()
         _check_outputs(pristine, data)
-        return Student(copy.deepcopy(pristine), PYTHON_API, None, False, lambda: copy.deepcopy(pristine))
+        return Student(copy.deepcopy(pristine), PYTHON_API, None, False, lambda: copy.deepcopy(pristine),
+                       module_trained=trained)
     built = models.from_spec(spec, data.num_classes, data.input_shape, student=True, trust_code=trust_code, log=log)
 
     def factory() -> nn.Module:

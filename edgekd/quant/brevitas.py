@@ -124,11 +124,12 @@ def act_init_percentile(bits: int) -> float:
 
 def _layer_weight_quant(spec: QuantSpec, bits: int, module):
     """The weight quantizer of one layer at ``bits``; its scale starts from the absolute maximum, or
-    for a low-bit depthwise layer from the error-minimising threshold (quant.mobile)."""
+    from the error-minimising threshold for a low-bit depthwise layer and any 2-bit one
+    (quant.mobile.mse_threshold_init)."""
     from brevitas.core.stats import AbsMax
 
-    low_bit_depthwise = mobile.is_depthwise(module) and bits <= mobile.MSE_THRESHOLD_BITS
-    return _weight_quant(spec, bits).let(scaling_stats_impl=mobile.MSEThreshold if low_bit_depthwise else AbsMax)
+    mse = mobile.mse_threshold_init(module, bits)
+    return _weight_quant(spec, bits).let(scaling_stats_impl=mobile.MSEThreshold if mse else AbsMax)
 
 
 def _maps(spec: QuantSpec, weight_bits: dict[str, int]):
@@ -219,7 +220,7 @@ def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
             make_act = lambda bits, signed, pct: _act_quant(spec, bits, signed, pct)  # noqa: E731
             mobile.rewrite(gm, spec, make_act)
             _drop_logits_quant(gm)
-            orphans = layerbits.apply_act_bits(gm, {p: r["act"] for p, r in resolved.items()}, make_act)
+            orphans = layerbits.apply_act_bits(gm, {p: r["act"] for p, r in resolved.items()}, make_act, spec)
     finally:
         config.IGNORE_MISSING_KEYS = ignore
     gm.train(was_training)

@@ -132,13 +132,15 @@ def act_bits_of(module) -> int | None:
     return None if bits is None else int(bits)
 
 
-def apply_act_bits(gm, wanted: dict[str, int], act_quant) -> list[str]:
+def apply_act_bits(gm, wanted: dict[str, int], act_quant, spec) -> list[str]:
     """Give the quantizer in front of each layer of ``wanted`` (path -> bits) those bits, in place:
     ``act_quant(bits, signed, percentile)`` builds one with the run's conventions. A quantizer that
-    feeds several layers takes the largest bits asked. Returns the layers no quantizer feeds."""
+    feeds several layers takes the largest bits asked; one after a one-sided smooth activation takes
+    the signedness of those bits (quant.mobile.after_smooth_signed, ``spec``'s conventions). Returns
+    the layers no quantizer feeds."""
     import brevitas.nn as qnn
 
-    from .mobile import _after_smooth, after_smooth_percentile
+    from .mobile import _after_smooth, after_smooth_percentile, after_smooth_signed
 
     per_quantizer, orphans = {}, []
     for node in compute_nodes(gm):
@@ -154,9 +156,11 @@ def apply_act_bits(gm, wanted: dict[str, int], act_quant) -> list[str]:
         m = gm.get_submodule(target)
         if act_bits_of(m) == bits:
             continue
-        pct = after_smooth_percentile(bits) if q.args and _after_smooth(gm, q.args[0]) else None
+        smooth = bool(q.args) and _after_smooth(gm, q.args[0])
+        pct = after_smooth_percentile(bits) if smooth else None
+        signed = after_smooth_signed(spec, bits, m.act_quant.is_signed) if smooth else bool(m.act_quant.is_signed)
         cls = qnn.QuantReLU if isinstance(m, qnn.QuantReLU) else qnn.QuantIdentity
-        gm.add_submodule(target, cls(act_quant=act_quant(bits, bool(m.act_quant.is_signed), pct),
+        gm.add_submodule(target, cls(act_quant=act_quant(bits, signed, pct),
                                      return_quant_tensor=m.return_quant_tensor))
     return orphans
 
