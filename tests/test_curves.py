@@ -134,3 +134,19 @@ def test_segments_start_on_a_new_phase_or_when_epochs_start_again():
     assert curves.epoch_rows([{"epoch": 1, "loss": 0.5}], "teacher")[0]["phase"] == "teacher"
     text = curves.metrics_csv(curves.epoch_rows([{"epoch": 1, "loss": 0.5, "losses": {"ce": 0.5}}]))
     assert text.splitlines()[0].startswith("phase,segment,epoch,step,loss,loss.ce,train_accuracy")
+
+
+def test_a_validation_drop_below_the_phase_best_is_logged_as_a_warning():
+    from edgekd.training import schemes
+
+    lines = []
+    run = schemes.Run(opts=None, data=None, spec=None, new_objective=lambda: None, teacher=None, log=lines.append)
+    on_epoch = schemes._epoch_logger(run, "W2A2", "qat")
+    for epoch, val in enumerate([0.70, 0.74, 0.68, 0.47, 0.76], start=1):
+        on_epoch({"epoch": epoch, "loss": 1.0, "train_accuracy": 0.5, "val_accuracy": val, "seconds": 1.0})
+    warnings = [s for s in lines if s.startswith("warning:")]
+    # 0.68 is 6 points below 0.74 (not logged); 0.47 is 27 below it
+    assert warnings == ["warning: W2A2 val acc 0.4700 is 27.0 points below its best (0.7400, epoch 2): training is "
+                        "unstable; the best epoch's weights are what the run keeps. A lower learning rate (--qat-lr) "
+                        "usually steadies it"]
+    assert [r["phase"] for r in run.history] == ["qat"] * 5

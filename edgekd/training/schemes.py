@@ -92,12 +92,24 @@ def _fit_cfg(run: Run, epochs: int, lr: float, seed: int, desc: str, quantized: 
                      amp=o.amp and not quantized)
 
 
+UNSTABLE_DROP = 0.10  # a validation accuracy this far below the phase's best is logged as a warning
+
+
 def _epoch_logger(run: Run, label: str, phase: str):
+    best: dict = {}
+
     def on_epoch(r: dict) -> None:
         run.history.append(dict(r, phase=phase))
         star = " *" if r.get("best") else ""
         run.log(f"{label} epoch {r['epoch']}: loss {r['loss']:.4f}, train acc {r['train_accuracy']:.4f}, "
                 f"val acc {r['val_accuracy']:.4f} ({r['seconds']:.0f}s){star}")
+        if best and r["val_accuracy"] < best["val"] - UNSTABLE_DROP:
+            flag = "--qat-lr" if phase == "qat" else "--lr"
+            run.log(f"warning: {label} val acc {r['val_accuracy']:.4f} is {100 * (best['val'] - r['val_accuracy']):.1f} "
+                    f"points below its best ({best['val']:.4f}, epoch {best['epoch']}): training is unstable; the best "
+                    f"epoch's weights are what the run keeps. A lower learning rate ({flag}) usually steadies it")
+        if not best or r["val_accuracy"] > best["val"]:
+            best.update(val=r["val_accuracy"], epoch=r["epoch"])
     return on_epoch
 
 
