@@ -185,3 +185,17 @@ def test_the_threshold_works_per_tensor():
     t = mobile.MSEThreshold(stats_reduce_dim=None, bit_width=2)(w)
     err = lambda s: float(((torch.clamp(torch.round(w / s), -1, 1) * s - w) ** 2).sum())  # noqa: E731
     assert t.dim() == 0 and err(t) < err(w.abs().max()) and err(t) <= min(err(f * w.abs().max()) for f in (0.3, 0.5, 0.7))
+
+
+def test_w2a2_mobile_bundle_with_unsigned_2_bit_activations_matches_pytorch(tmp_path):
+    """The unsigned 2-bit quantizers after Hardswish / SE products export to ONNX Runtime's QDQ graph bit-exactly."""
+    torch.manual_seed(0)
+    opts = api.DistillOptions(data="digits", student=SPEC, method="none", weight_bits=2, act_bits=2,
+                              layer_bits=["depthwise=W8A8"], float_epochs=1, epochs=1, progress=False)
+    m = api.distill(opts, out=tmp_path / "run")
+    manifest = api.export(tmp_path / "run", "cpu", out=tmp_path / "bundle", student=SPEC)
+    assert manifest["parity"]["top1_agreement"] == 1.0
+    assert manifest["torch_accuracy"] == pytest.approx(m["student_accuracy"], abs=1e-6)
+    unsigned = [r for r in quant.describe(quant.quantize(tiny_mobile(), quant.QuantSpec(weight_bits=2, act_bits=2)))
+                if r.get("act_bits") == 2 and not r["signed"]]
+    assert unsigned  # the graph exported has them
