@@ -34,6 +34,7 @@ RESULTS = Path(__file__).parent / "results"
 # cell -> (weight bits or "auto", act bits, --layer-bits rules, the cell whose packed size an auto cell gets)
 CELLS = {"W2A2": (2, 2, [], None), "W2A2 depthwise=W8A8": (2, 2, ["depthwise=W8A8"], None),
          "W2A2 depthwise=W8A8 last=A8": (2, 2, ["depthwise=W8A8", "last=A8"], None),
+         "W2A2 pointwise=W8A8": (2, 2, ["pointwise=W8A8"], None),
          "auto A2 (size of depthwise=W8)": ("auto", 2, [], "W2A2 depthwise=W8A8"),
          "W4A4": (4, 4, [], None), "W4A4 depthwise=W8A8": (4, 4, ["depthwise=W8A8"], None),
          "auto A4 (size of W4)": ("auto", 4, [], "W4A4")}
