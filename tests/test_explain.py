@@ -216,3 +216,16 @@ def test_explain_says_when_a_run_has_no_float_student(tmp_path, monkeypatch):
         in out.stdout
     bad = run("explain", tmp_path / "run", "--student", SPEC, "--rank", "worst")
     assert bad.exit_code == 2 and "--rank" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_collapsed_probe_gets_a_caveat_line():
+    from edgekd.cli.explain import render
+    from edgekd.pipeline.explain import _caveat
+
+    assert _caveat({"probe_agreement": 0.5}) is None
+    text = _caveat({"probe_agreement": 0.134})
+    assert text.startswith("quantized at these bits without training, the float student agrees with float on 13.4%")
+    result = {"layers": [], "bundle_dir": None, "runtime_note": None, "source": "b", "weight_bits": 2, "act_bits": 2,
+              "layer_bits": [], "samples": 10, "rank": "gain", "groups": [], "reference": "r", "caveat": text,
+              "logits": {"sqnr_db": 1.0, "top1_agreement": 0.5, "probe_sqnr_db": 0.4, "probe_agreement": 0.134}}
+    assert render(result)[-1] == f"caveat: {text}"

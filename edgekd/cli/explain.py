@@ -64,6 +64,8 @@ def render(result: dict) -> list[str]:
                                       if runtime else ""))
     if result["runtime_note"]:
         lines.append(f"note: {result['runtime_note']}")
+    if result.get("caveat"):
+        lines.append(f"caveat: {result['caveat']}")
     return lines
 
 

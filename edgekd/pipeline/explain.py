@@ -64,8 +64,21 @@ def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, ru
     return {"source": str(bundle or run), "run_dir": str(run), "bundle_dir": str(bundle) if bundle else None,
             "target": manifest.get("target") if manifest else None, "samples": int(len(x)),
             "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "layer_bits": spec.layer_rules_text,
-            "reference": reference, "logits": logits, "runtime_note": note, "rank": rank,
+            "reference": reference, "logits": logits, "runtime_note": note, "rank": rank, "caveat": _caveat(logits),
             "layers": sensitivity.RANKS[rank](rows), "groups": extra["groups"]}
+
+
+COLLAPSED_AGREEMENT = 0.5  # a probe agreeing with float on fewer samples than this ranks little
+
+
+def _caveat(logits: dict) -> str | None:
+    """What to make of the figures when the probe (every layer quantized, by calibration) has collapsed."""
+    agreement = logits["probe_agreement"]
+    if agreement >= COLLAPSED_AGREEMENT:
+        return None
+    return (f"quantized at these bits without training, the float student agrees with float on {agreement:.1%} of "
+            "the samples: every figure here is near the noise floor and the ranking says little. Compare "
+            "candidates by training them (distill --layer-bits TYPE=W8A8 each), or read this table at 4 bits and up")
 
 
 def _run_metrics(run: Path) -> dict:
