@@ -27,8 +27,10 @@ convolutions is left exactly as it was):
   quantization error (``MSEThreshold``) instead of its absolute maximum (W2A8 QAT 39.8% -> 48.2%).
   At 8 bits (activations and weights) the graph is the one Brevitas builds.
 
-Measured and rejected: unsigned quantizers after Hardswish (under the unsigned convention): the
-sliver in [-0.375, 0) carries information, clipping it costs 12 points at W4A4 init (58.5% -> 46.0%).
+Measured and rejected at 4 bits: unsigned quantizers after Hardswish (under the unsigned convention):
+the sliver in [-0.375, 0) carries information, clipping it costs 12 points at W4A4 init (58.5% -> 46.0%).
+At 2 bits they are unsigned (``after_smooth_signed``: a signed 2-bit grid keeps one positive level),
+and every 2-bit weight scale starts from ``MSEThreshold`` (``mse_threshold_init``).
 """
 
 from __future__ import annotations
