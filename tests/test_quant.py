@@ -82,3 +82,19 @@ def test_reload_reproduces_outputs(tiny_run):
     run_dir, metrics = tiny_run
     model, meta = api.load_student(run_dir)
     assert accuracy(model, load_dataset("digits").test) == pytest.approx(metrics["student_accuracy"], abs=1e-9)
+
+
+def test_quantizer_scales_train_at_a_tenth_of_the_lr():
+    from edgekd.training.optim import SCALE_LR_FACTOR, optimizer, param_groups
+
+    q = quant.quantize(models.build_model("cnn-student", 10, (1, 8, 8)), quant.QuantSpec(weight_bits=2, act_bits=2))
+    quant.materialize(q, (1, 8, 8))
+    groups = param_groups(q, 5e-4)
+    scale_ids = {id(p) for n, p in q.named_parameters() if quant.is_quantizer_param(n)}
+    assert scale_ids and {id(p) for p in groups[-1]["params"]} == scale_ids and groups[-1]["weight_decay"] == 0.0
+    assert all(id(p) not in scale_ids for g in groups[:-1] for p in g["params"])
+    opt, sched = optimizer(groups, "adamw", 3e-3, 10)
+    assert [g["max_lr"] for g in opt.param_groups] == pytest.approx([3e-3, 3e-3, 3e-3 * SCALE_LR_FACTOR])
+    assert SCALE_LR_FACTOR == 0.1
+    float_groups = param_groups(models.build_model("cnn-student", 10, (1, 8, 8)), 5e-4)
+    assert len(float_groups) == 2  # a float model: no scale group (a float phase's checkpoint is unchanged)

@@ -32,6 +32,7 @@ from .cache import TeacherCache, teacher_cache
 from .checkpoint import Interrupted, StopSignals, restore_rng, rng_state
 from .batches import LoaderBatches, batches_for
 from .evaluate import accuracy
+from .optim import optimizer, param_groups
 
 Log = Callable[[str], None]
 
@@ -151,12 +152,7 @@ class Phase:
         groups = [g for m in (self.model, *self.peers) for g in param_groups(m, cfg.weight_decay)]
         adapters = list(self.loss_fn.parameters()) if isinstance(self.loss_fn, nn.Module) else []
         groups += [{"params": adapters, "weight_decay": 0.0}] if adapters else []
-        if cfg.optimizer == "sgd":
-            opt, warmup = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True), 0.25
-        else:
-            opt, warmup = torch.optim.AdamW(groups, lr=cfg.lr), 0.15
-        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * self.steps,
-                                                        pct_start=warmup)
+        return optimizer(groups, cfg.optimizer, cfg.lr, cfg.epochs * self.steps)
 
     def _restore_modules(self, saved: dict) -> None:
         from ..quant import restore_runtime_state
@@ -310,17 +306,6 @@ class Phase:
 
 
 # --- the pieces of a step ---------------------------------------------------------------------------
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights only: not on biases, norms, or quantizer scales."""
-    from ..quant import is_quantizer_param
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or is_quantizer_param(name) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
 
 def add_parts(sums: list, parts: dict, n: int) -> None:
     """Add a step's loss terms (the objective's named parts, each a batch mean) to the epoch's
