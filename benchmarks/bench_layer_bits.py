@@ -46,7 +46,8 @@ def _cell(args, label: str, rules, float_pt: Path | None, work: Path) -> dict:
     manifest = api.export(out / "run", args.target, out=out / "bundle", student=mobile_student())
     why = explain(out / "bundle", samples=args.explain_samples, student=mobile_student())
     return {"cell": label, "layer_bits": m["layer_bits"], "float": m["student_float_accuracy"],
-            "fake_quant": m["student_accuracy"], "runtime": manifest["runtime_accuracy"],
+            "fake_quant": m["student_accuracy"], "runtime": manifest["runtime_accuracy_full"],
+            "runtime_sample": manifest["runtime_accuracy"],
             "parity": manifest["parity"]["top1_agreement"], "float_compute": (manifest.get("fusion") or {}).get(
                 "float_compute"),
             "worst": [(r["name"], r["type"], r["weight_bits"], r["act_bits"], r["logits_db"]) for r in why["layers"][:4]],
