@@ -5,6 +5,7 @@ at the layer's requantized output; worst first, as a table, JSON and a PNG.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -101,9 +102,10 @@ def test_explain_bundle_table_and_json(bundle):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"{bundle / 'b'}: W2A2 with depthwise=W8A8, 359 test samples")
-    assert lines[0].endswith("most gained by raising first")
-    assert lines[1].split() == ["layer", "type", "W", "A", "raise", "gain", "dB", "logits", "dB", "layer", "dB",
-                                "weights", "dB", "inputs", "dB", "cumulative", "dB", "runtime", "dB"]
+    assert lines[0].endswith(" first (--rank auto)")
+    assert lines[1].split() == ["layer", "type", "W", "A", "noise", "%", "raise", "B", "%/KiB", "raise", "gain", "dB",
+                                "logits", "dB", "layer", "dB", "weights", "dB", "inputs", "dB", "cumulative", "dB",
+                                "runtime", "dB"]
     table = [line.split() for line in lines[2:8]]
     assert sorted(r[0] for r in table) == ["0", "12", "17", "3", "6", "9"]
     # the runtime computes what PyTorch does: bit-identical, or a value at a rounding tie one level off (the int32
@@ -111,10 +113,21 @@ def test_explain_bundle_table_and_json(bundle):
     assert all(r[-1] == "exact" or float(r[-1]) > 60 for r in table if r[0] != "17")
     types = [line for line in lines if line.startswith("  ") and "layer(s)  gain" in line]
     assert sorted(line.split()[0] for line in types) == ["conv", "depthwise", "linear", "pointwise"]
-    data = json.loads(run("explain", bundle / "b", "--student", SPEC, "--json", "--samples", 100, "-q").stdout)
+    auto = json.loads(run("explain", bundle / "b", "--student", SPEC, "--json", "--samples", 100, "-q").stdout)
+    collapsed = auto["logits"]["probe_agreement"] < 0.5
+    assert auto["rank_asked"] == "auto" and auto["rank"] == ("bytes" if collapsed else "gain")
+    assert sum(r["noise_share"] for r in auto["layers"]) == pytest.approx(1.0)
+    data = json.loads(run("explain", bundle / "b", "--student", SPEC, "--json", "--samples", 100, "--rank", "gain",
+                          "-q").stdout)
     assert data["samples"] == 100 and data["target"] == "onnxruntime-arm" and data["runtime_note"] is None
     gains = [r["gain_db"] for r in data["layers"]]
     assert data["rank"] == "gain" and gains == sorted(gains, reverse=True)
+    per_kb = json.loads(run("explain", bundle / "b", "--student", SPEC, "--json", "--samples", 100, "--rank", "bytes",
+                            "-q").stdout)
+    priced = [r["share_per_kb"] for r in per_kb["layers"] if r["share_per_kb"] is not None]
+    assert per_kb["rank"] == "bytes" and priced == sorted(priced, reverse=True) and priced
+    # depthwise=W8A8 on onnxruntime-arm (no reduce_range): those weights are at the raise width, nothing to buy
+    assert all(r["raise_bytes"] == 0 and r["share_per_kb"] is None for r in per_kb["layers"] if r["name"] == "3")
     assert data["reference"].startswith("the float student (float.pt)")  # QAT: not its quantizers off
     alone = json.loads(run("explain", bundle / "b", "--student", SPEC, "--json", "--samples", 100, "--rank", "alone",
                            "-q").stdout)
@@ -196,6 +209,46 @@ def test_raising_depthwise_gains_most_per_layer_and_per_type():
     _, fixed = _ranked(("depthwise=W8A8",), act_bits=8)
     assert fixed["logits"]["probe_sqnr_db"] > base + 25
     assert abs({g["group"]: g for g in fixed["groups"]}["depthwise"]["gain_db"]) < groups["depthwise"]["gain_db"] / 5
+
+
+def test_noise_shares_and_raise_bytes_against_hand_computed_values():
+    rows = [{"name": "dw", "logits_db": 10.0, "params": 9, "weight_bits": 2},  # noise 0.1, 9 B - 3 B
+            {"name": "pw", "logits_db": 20.0, "params": 100, "weight_bits": 2},  # noise 0.01, 100 B - 25 B
+            {"name": "fc", "logits_db": 13.0, "params": 40, "weight_bits": 8},  # at 8 bits: nothing to buy
+            {"name": "ex", "logits_db": None, "params": 16, "weight_bits": 4}]  # exact: no noise, 16 B - 8 B
+    groups = [{"group": "depthwise", "layers": ["dw"]}, {"group": "other", "layers": ["pw", "ex"]}]
+    sensitivity.add_costs(rows, groups)
+    total = 0.1 + 0.01 + 10 ** -1.3
+    by = {r["name"]: r for r in rows}
+    assert by["dw"]["noise_share"] == pytest.approx(0.1 / total) and by["dw"]["raise_bytes"] == 6
+    assert by["dw"]["share_per_kb"] == pytest.approx(0.1 / total / (6 / 1024))
+    assert by["pw"]["raise_bytes"] == 75 and by["fc"]["raise_bytes"] == 0 and by["fc"]["share_per_kb"] is None
+    assert by["ex"]["noise_share"] == 0.0 and by["ex"]["raise_bytes"] == 8
+    assert groups[1]["noise_share"] == pytest.approx(0.01 / total) and groups[1]["raise_bytes"] == 83
+    assert [r["name"] for r in sensitivity.best_buy_first(rows)] == ["dw", "pw", "ex", "fc"]
+    sensitivity.add_costs(rows, [], raise_bits=7)  # a reduce_range target's widest weights
+    assert {r["name"]: r["raise_bytes"] for r in rows} == {"dw": 5, "pw": 63, "fc": 0, "ex": 6}
+
+
+def test_depthwise_layers_are_the_best_buy_per_byte_at_uniform_2_bits():
+    rows, extra = _ranked()
+    sensitivity.add_costs(rows, extra["groups"])
+    assert [r["type"] for r in sensitivity.best_buy_first(rows)[:2]] == ["depthwise", "depthwise"]
+    assert sensitivity.best_buy_first(extra["groups"])[0]["group"] == "depthwise"
+
+
+def test_auto_rank_is_gain_unless_the_probe_collapsed(bundle, monkeypatch, tmp_path):
+    from edgekd.pipeline import explain as ex
+
+    for threshold, expected in ((0.0, "gain"), (1.01, "bytes")):
+        monkeypatch.setattr(ex, "COLLAPSED_AGREEMENT", threshold)
+        result = ex.explain(bundle / "b", samples=30, student=SPEC)
+        assert result["rank"] == expected and result["rank_asked"] == "auto"
+        assert (result["caveat"] is None) == (expected == "gain")
+        if importlib.util.find_spec("matplotlib"):
+            assert ex.plot(result, tmp_path / f"{expected}.png").read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ex.EdgekdError, match="--rank must be one of auto, gain, alone, bytes, got 'worst'"):
+        ex.explain(bundle / "b", samples=30, student=SPEC, rank="worst")
 
 
 def test_gain_ranking_puts_an_exact_raise_first_and_unknown_last():

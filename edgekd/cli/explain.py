@@ -29,17 +29,27 @@ def _groups(result: dict) -> list[str]:
     for g in result["groups"]:
         lines.append(f"  {g['group']:<10} {len(g['layers']):>3} layer(s)  gain {_gain(g)} dB -> "
                      f"{_db(g['raised_db'], unit=' dB')}, top-1 agreement {g['raised_agreement']:.4f}; "
-                     f"only they quantized: {_db(g['alone_db'], unit=' dB')}")
+                     f"only they quantized: {_db(g['alone_db'], unit=' dB')}; {g['noise_share']:.0%} of the noise, "
+                     f"raised for {g['raise_bytes']:,} B ({_per_kb(g)} per KiB)")
     return lines
+
+
+def _per_kb(r: dict) -> str:
+    return "-" if r["share_per_kb"] is None else f"{r['share_per_kb']:.1%}"
+
+
+ORDER = {"gain": "most gained by raising first", "alone": "worst alone first",
+         "bytes": "most noise removed per byte raised first"}
 
 
 def render(result: dict) -> list[str]:
     """The table of ``explain``'s result, worst layer first, and a line on the logits."""
     rows = result["layers"]
     runtime = result["bundle_dir"] is not None and result["runtime_note"] is None
-    head = ["layer", "type", "W", "A", "raise gain dB", "logits dB", "layer dB", "weights dB", "inputs dB",
-            "cumulative dB"] + (["runtime dB"] if runtime else [])
-    body = [[r["name"], r["type"], str(r["weight_bits"]), str(r["act_bits"] or "-"), _gain(r), _db(r["logits_db"]),
+    head = ["layer", "type", "W", "A", "noise %", "raise B", "%/KiB", "raise gain dB", "logits dB", "layer dB",
+            "weights dB", "inputs dB", "cumulative dB"] + (["runtime dB"] if runtime else [])
+    body = [[r["name"], r["type"], str(r["weight_bits"]), str(r["act_bits"] or "-"), f"{r['noise_share']:.1%}",
+             f"{r['raise_bytes']:,}", _per_kb(r), _gain(r), _db(r["logits_db"]),
              _db(r["isolated_db"]), _db(r["weights_db"]), _db(r["inputs_db"], r["act_bits"] is not None),
              _db(r["cumulative_db"])] + ([_db(r.get("runtime_db"), r.get("runtime_compared", False))]
                                          if runtime else []) for r in rows]
@@ -47,7 +57,7 @@ def render(result: dict) -> list[str]:
     lines = [f"{result['source']}: W{result['weight_bits']}A{result['act_bits']}"
              + (f" with {', '.join(result['layer_bits'])}" if result["layer_bits"] else "")
              + f", {result['samples']} test samples; SQNR vs the float student (higher is better), "
-             + ("most gained by raising first" if result["rank"] == "gain" else "worst alone first")]
+             + ORDER[result["rank"]] + (" (--rank auto)" if result.get("rank_asked") == "auto" else "")]
     for row in [head, *body]:
         lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
     lg = result["logits"]
@@ -56,8 +66,10 @@ def render(result: dict) -> list[str]:
                  + (f"; runtime vs fake-quant {_db(lg['runtime_sqnr_db'], unit=' dB')}" if "runtime_sqnr_db" in lg else ""))
     lines += _groups(result)
     lines.append(f"float reference: {result['reference']}")
-    lines.append("raise gain: at the logits, the whole model quantized but this layer (its weights and its input "
-                 "quantizer) in float, against the whole model quantized: what more bits there buy; "
+    lines.append("noise %: the layer's share of the noise at the logits, each layer quantized alone; raise B: the "
+                 "packed weight bytes raising it to the target's widest weights adds; %/KiB: the one per KiB of "
+                 "the other. raise gain: at the logits, the whole model quantized but this layer (its weights and "
+                 "its input quantizer) in float, against the whole model quantized: what more bits there buy; "
                  "logits / layer: SQNR at the logits / at the layer's output with only that layer quantized (its "
                  "weights and the activations it reads); weights / inputs: only one of them; cumulative: the whole "
                  "model quantized" + ("; runtime: the runtime vs fake-quant at the layer's requantized output"
@@ -73,9 +85,10 @@ def render(result: dict) -> list[str]:
 @click.argument("source", required=False, type=c.InPath(), metavar="[BUNDLE|RUN]")
 @click.option("--samples", default=500, show_default=True, type=c.INT,
               help="Test samples to measure on (a bundle's eval.npz, else a stratified sample of the test split).")
-@click.option("--rank", type=click.Choice(["gain", "alone"]), default="gain", show_default=True,
-              help="Order the layers by what raising each to float gains (gain), or by the error each makes "
-                   "quantized alone (alone).")
+@click.option("--rank", type=click.Choice(["auto", "gain", "alone", "bytes"]), default="auto", show_default=True,
+              help="Order the layers by what raising each to float gains (gain), by the error each makes "
+                   "quantized alone (alone), or by its share of the noise per KiB its raise costs (bytes). "
+                   "auto: gain, or bytes where the whole model quantized has collapsed (gains are noise there).")
 @click.option("--run", "run_dir", type=c.InPath(), metavar="DIR",
               help="The run a bundle was exported from, when it is no longer where the manifest says.")
 @click.option("--student", metavar="ARCH", help="The student architecture, when the run's is module:callable.")
@@ -91,14 +104,19 @@ def explain_command(source, samples, rank, run_dir, student, trust_code, as_json
     \b
     Per layer, as SQNR in dB against the float student (the same weights, quantizers off):
       raise gain  at the logits, the whole model quantized but this layer in float, over the
-                  whole model quantized: what more bits for it buy (--rank gain, the default;
-                  also per layer type: every depthwise layer raised together, ...)
+                  whole model quantized: what more bits for it buy (--rank gain; also per
+                  layer type: every depthwise layer raised together, ...)
+      noise %     its share of the noise at the logits, each layer quantized alone; with
+                  raise B, the packed weight bytes its raise adds: --rank bytes ranks by
+                  share per KiB, the best buy under a size budget first
       logits      at the logits, only this layer quantized (its weights and the activations
                   it reads): --rank alone, worst first
       layer       the same at the layer's output; weights / inputs: only one of the two
       cumulative  the whole model quantized: the error that has reached this layer
       runtime     (ONNX Runtime, QONNX bundles) the runtime against the fake-quant model at the
                   layer's requantized output; 'exact' where they agree bit for bit
+    --rank auto (the default) is gain, or bytes where the whole model quantized has collapsed
+    (top-1 agreement with float under 50%: gains over it are noise, the errors alone are not).
     Then try more bits where it is worst, e.g. edgekd distill --layer-bits depthwise=W8A8.
     """
     from ..pipeline.explain import explain, plot

@@ -29,12 +29,15 @@ MIN_SAMPLES, MAX_SAMPLES = 1, 100_000
 
 
 def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, run_dir: str | Path | None = None,
-            student: str | None = None, trust_code: bool = False, log: Log = quiet, rank: str = "gain") -> dict:
+            student: str | None = None, trust_code: bool = False, log: Log = quiet, rank: str = "auto") -> dict:
     """Per-layer errors of the quantized student of ``source`` (a bundle or a run directory; default
     the latest bundle, else the latest run), on at most ``samples`` test images. ``run_dir``: the
     run a bundle was exported from, when it has moved. Returns a JSON-ready dict whose ``layers``
-    are ranked by ``rank``: "gain" (most gained by raising the layer first) or "alone" (lowest SQNR
-    at the logits with only that layer quantized first); ``groups``: the gains per layer type."""
+    are ranked by ``rank``: "gain" (most gained by raising the layer first), "alone" (lowest SQNR
+    at the logits with only that layer quantized first), "bytes" (most of the noise removed per KiB
+    of packed weights its raise adds first: quant.sensitivity.add_costs) or "auto" (gain, unless the
+    whole model quantized has collapsed, where gains are noise: bytes); ``groups``: the same per
+    layer type."""
     import torch
 
     from ..quant import layerbits, sensitivity
@@ -42,8 +45,8 @@ def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, ru
 
     if isinstance(samples, bool) or not isinstance(samples, int) or not MIN_SAMPLES <= samples <= MAX_SAMPLES:
         raise EdgekdError(f"--samples must be an integer between {MIN_SAMPLES} and {MAX_SAMPLES}, got {samples!r}")
-    if rank not in sensitivity.RANKS:
-        raise EdgekdError(f"--rank must be one of {', '.join(sensitivity.RANKS)}, got {shown(rank, 40)}")
+    if rank not in (*sensitivity.RANKS, "auto"):
+        raise EdgekdError(f"--rank must be one of auto, {', '.join(sensitivity.RANKS)}, got {shown(rank, 40)}")
     bundle, manifest, run = _resolve(source, run_dir)
     qmodel, meta = load_student(run, student, trust_code)
     metrics = _run_metrics(run)
@@ -53,7 +56,9 @@ def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, ru
     log(f"explaining {bundle or run}: {len(x)} test samples, {len(layerbits.compute_nodes(qmodel))} layers")
     probe, reference = _probe(run, metrics, qmodel, student, trust_code, torch.from_numpy(x))
     rows, extra = sensitivity.layer_errors(qmodel, torch.from_numpy(x), probe=probe)
+    sensitivity.add_costs(rows, extra["groups"], _raise_bits((manifest or {}).get("target") or meta.get("target")))
     logits, note = dict(extra["logits"]), None
+    chosen = rank if rank != "auto" else "gain" if logits["probe_agreement"] >= COLLAPSED_AGREEMENT else "bytes"
     if bundle is not None:
         runtime, note = _runtime(bundle, manifest, qmodel, x, log)
         for r in rows:
@@ -64,8 +69,9 @@ def explain(source: str | Path | None = None, samples: int = DEFAULT_SAMPLES, ru
     return {"source": str(bundle or run), "run_dir": str(run), "bundle_dir": str(bundle) if bundle else None,
             "target": manifest.get("target") if manifest else None, "samples": int(len(x)),
             "weight_bits": spec.weight_bits, "act_bits": spec.act_bits, "layer_bits": spec.layer_rules_text,
-            "reference": reference, "logits": logits, "runtime_note": note, "rank": rank, "caveat": _caveat(logits),
-            "layers": sensitivity.RANKS[rank](rows), "groups": extra["groups"]}
+            "reference": reference, "logits": logits, "runtime_note": note, "rank": chosen, "rank_asked": rank,
+            "caveat": _caveat(logits), "layers": sensitivity.RANKS[chosen](rows),
+            "groups": sensitivity.best_buy_first(extra["groups"]) if chosen == "bytes" else extra["groups"]}
 
 
 COLLAPSED_AGREEMENT = 0.5  # a probe agreeing with float on fewer samples than this ranks little
@@ -77,8 +83,20 @@ def _caveat(logits: dict) -> str | None:
     if agreement >= COLLAPSED_AGREEMENT:
         return None
     return (f"quantized at these bits without training, the float student agrees with float on {agreement:.1%} of "
-            "the samples: every figure here is near the noise floor and the ranking says little. Compare "
-            "candidates by training them (distill --layer-bits TYPE=W8A8 each), or read this table at 4 bits and up")
+            "the samples: what raising one layer gains over that is near the noise floor. The error each layer "
+            "makes quantized alone (the rest in float) is still measured, hence the noise shares; confirm a "
+            "choice by training it (distill --layer-bits TYPE=W8A8)")
+
+
+def _raise_bits(target_name) -> int:
+    """The weight width a raise is priced at: the widest catalog target ``target_name`` trains (7 under
+    reduce_range), or 8 for any other name (a recorded name is never read as a path)."""
+    from .. import catalog
+    from ..quant import autobits, sensitivity
+
+    if not isinstance(target_name, str) or target_name not in catalog.target_names():
+        return sensitivity.RAISE_BITS
+    return max(autobits.widths(catalog.load_target(target_name)))
 
 
 def _run_metrics(run: Path) -> dict:
@@ -254,10 +272,28 @@ def _runtime_columns(fake, runtime) -> dict:
             "runtime_levels_off": float(np.mean(ours != theirs))}
 
 
+BARS = {"gain": ("gain at the logits, this layer raised to float",
+                 "dB gained by raising the layer (more is a better buy)"),
+        "alone": ("logits, only this layer quantized", "SQNR vs the float student (dB, higher is better)"),
+        "bytes": ("share of the noise per KiB its raise adds", "% of the noise at the logits per KiB raised "
+                  "(more is a better buy)")}
+
+
+def _bar_values(rows: list[dict], rank: str) -> tuple[list[float], float]:
+    """The bar lengths of ``rows`` under ``rank`` (an exact SQNR drawn past the largest; a layer with
+    nothing to raise at 0), and where an exact SQNR is drawn."""
+    if rank == "bytes":
+        return [100 * (r["share_per_kb"] or 0.0) for r in rows], 0.0
+    keys = ("gain_db",) if rank == "gain" else ("logits_db", "isolated_db", "cumulative_db")
+    cap = max([r[k] for r in rows for k in keys if r.get(k) is not None] + [1.0]) + 5
+    return [cap if r[keys[0]] is None else r[keys[0]] for r in rows], cap
+
+
 def plot(result: dict, path) -> Path:
     """A PNG of the layers in ``result``'s ranking, first at the top. Rank ``gain``: bars of what raising
-    each layer to float gains at the logits; rank ``alone``: bars of the SQNR at the logits with only the
-    layer quantized, with its SQNR at its own output (open dots) and with the whole model quantized (dots)."""
+    each layer to float gains at the logits; ``bytes``: of its share of the noise per KiB raised; rank
+    ``alone``: bars of the SQNR at the logits with only the layer quantized, with its SQNR at its own
+    output (open dots) and with the whole model quantized (dots)."""
     from ..bench.report import check_plot_available
     from ..core.fsutil import atomic_path
 
@@ -265,27 +301,23 @@ def plot(result: dict, path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows, gain = result["layers"], result.get("rank", "alone") == "gain"
-    keys = ("gain_db",) if gain else ("logits_db", "isolated_db", "cumulative_db")
-    cap = max([r[k] for r in rows for k in keys if r.get(k) is not None] + [1.0]) + 5
+    rows, rank = result["layers"], result.get("rank", "alone")
+    bars, cap = _bar_values(rows, rank)
     fig = Figure(figsize=(7, 1.5 + 0.32 * len(rows)), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ys = list(range(len(rows)))[::-1]
     colours = {"depthwise": "tab:red", "pointwise": "tab:blue", "conv": "tab:green", "linear": "tab:purple"}
     value = lambda r, k: cap if r[k] is None else r[k]  # noqa: E731  (None: exact)
-    ax.barh(ys, [value(r, keys[0]) for r in rows], color=[colours.get(r["type"], "tab:gray") for r in rows],
-            alpha=0.8, label="gain at the logits, this layer raised to float" if gain
-            else "logits, only this layer quantized")
-    if not gain:
+    ax.barh(ys, bars, color=[colours.get(r["type"], "tab:gray") for r in rows], alpha=0.8, label=BARS[rank][0])
+    if rank == "alone":
         ax.scatter([value(r, "isolated_db") for r in rows], ys, facecolors="none", edgecolors="black", s=18,
                    zorder=3, label="layer output, only this layer quantized")
         ax.scatter([value(r, "cumulative_db") for r in rows], ys, color="black", s=14, zorder=3,
                    label="layer output, whole model quantized")
     ax.set_yticks(ys, [f"{r['name']} ({r['type']}, W{r['weight_bits']}A{r['act_bits'] or '-'})" for r in rows],
                   fontsize="small")
-    ax.set_xlabel("dB gained by raising the layer (more is a better buy)" if gain
-                  else "SQNR vs the float student (dB, higher is better)")
+    ax.set_xlabel(BARS[rank][1])
     ax.set_title(f"edgekd explain: {Path(result['source']).name}, W{result['weight_bits']}A{result['act_bits']}"
                  + (f" + {', '.join(result['layer_bits'])}" if result["layer_bits"] else ""), fontsize="medium")
     ax.grid(True, axis="x", alpha=0.3)

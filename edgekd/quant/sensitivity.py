@@ -217,7 +217,43 @@ def most_gain_first(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=key)
 
 
-RANKS = {"gain": most_gain_first, "alone": worst_first}  # explain --rank
+RAISE_BITS = 8  # what a raise is priced at: ``--layer-bits TYPE=W8A8``
+
+
+def noise_power(db: float | None) -> float:
+    """The error power relative to the signal of an SQNR of ``db`` dB (0.0: exact)."""
+    return 0.0 if db is None else 10.0 ** (-db / 10.0)
+
+
+def packed_bytes(params: int, bits: int) -> int:
+    """Bytes of ``params`` weights packed at ``bits`` each."""
+    return -(-params * bits // 8)
+
+
+def add_costs(rows: list[dict], groups_: list[dict], raise_bits: int = RAISE_BITS) -> None:
+    """Price every layer of ``rows`` and every layer type of ``groups_`` (``layer_errors``), in place:
+    ``noise_share``, its share of the noise power the layers make at the logits each quantized alone
+    (``logits_db``, summed as independent noises add; it stays measurable where the whole model
+    quantized has collapsed and raise gains are noise); ``raise_bytes``, the packed weight bytes that
+    raising its weights to ``raise_bits`` adds; ``share_per_kb``, the one per KiB of the other (None:
+    its weights are there already). Most noise removed per byte first is the greedy order of a
+    knapsack under a size budget (``best_buy_first``)."""
+    noise = {r["name"]: noise_power(r["logits_db"]) for r in rows}
+    total = sum(noise.values()) or 1.0
+    cost = {r["name"]: max(0, packed_bytes(r["params"], raise_bits) - packed_bytes(r["params"], r["weight_bits"]))
+            for r in rows}
+    for item, names in [(r, [r["name"]]) for r in rows] + [(g, g["layers"]) for g in groups_]:
+        share, extra = sum(noise[n] for n in names) / total, sum(cost[n] for n in names)
+        item.update(noise_share=share, raise_bytes=extra, share_per_kb=share / (extra / 1024) if extra else None)
+
+
+def best_buy_first(rows: list[dict]) -> list[dict]:
+    """``rows`` priced by ``add_costs``, most noise share per KiB raised first; those whose weights are
+    at the raise width already (nothing to buy in bytes) after, most noise first."""
+    return sorted(rows, key=lambda r: (1, -r["noise_share"]) if r["share_per_kb"] is None else (0, -r["share_per_kb"]))
+
+
+RANKS = {"gain": most_gain_first, "alone": worst_first, "bytes": best_buy_first}  # explain --rank
 
 
 @torch.no_grad()
