@@ -7,7 +7,7 @@ Apprentice / QKD), without it QAT trains on labels only. Each cell is exported f
 (accuracy through the runtime on the whole test split, the manifest's ``runtime_accuracy_full``;
 parity against PyTorch on the bundle's eval sample), timed with
 ``edgekd bench`` (batch 1, the ONNX Runtime session of the bundle, ``--threads``) and explained
-(``edgekd explain``: the layer and the layer type whose raise to float gains most). Auto cells
+(``edgekd explain``, default ``--rank auto``: the layer and the layer type it ranks first). Auto cells
 (``--bits auto``) get the packed weight size of the mixed cell they are compared with as their budget.
 The fp32 bundle of the float student is also quantized by ONNX Runtime's own ``quantize_static``
 (QDQ, per-channel weights, MinMax and Percentile calibration on 1024 training images).
@@ -117,6 +117,8 @@ def measure(args, label: str, m: dict, work: Path) -> dict:
             "packed_bytes": packed_from_explain(why), "onnx_bytes": (bundle / "model.onnx").stat().st_size,
             "latency_ms": (bench.get("latency_ms") or {}), "bench_error": bench.get("error"),
             "auto_budget": auto.get("budget"), "worst_layers": [r["name"] for r in why["layers"][:3]],
+            "explain_rank": why["rank"], "noise_shares": [(g["group"], g["noise_share"], g["raise_bytes"])
+                                                          for g in why["groups"]],
             "worst_type": why["groups"][0]["group"], "worst_alone": min(why["groups"], key=alone_key)["group"],
             "groups": [(g["group"], g["gain_db"], g["alone_db"]) for g in why["groups"]], "explain": why,
             "qat_loss": [round(r["loss"], 4) for r in m["history"] if r["phase"] == "qat"], "run_dir": m["run_dir"]}
@@ -168,13 +170,14 @@ def write(rows: list[dict], budget: str, name: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps({"budget": budget, "rows": rows}, indent=1) + "\n")
     pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
     lines = [f"Budget: {budget}", "", "| cell | PyTorch (fake-quant) | ONNX Runtime | parity | packed weights | model.onnx | "
-             "latency p50 (batch 1) | explain: raising gains most | worst type alone |", "|---|---|---|---|---|---|---|---|---|"]
+             "latency p50 (batch 1) | explain (--rank auto): first type: layers | worst type alone |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lat = (r.get("latency_ms") or {}).get("p50")
         lines.append(f"| {r['cell']} | {pct(r.get('fake_quant'))} | {pct(r.get('runtime'))} | "
                      f"{r['parity'] if 'parity' in r else '-'} | {r.get('packed_bytes', '-')} B | "
                      f"{r.get('onnx_bytes', '-')} B | {f'{lat:.3f} ms' if lat else '-'} | "
-                     f"{r.get('worst_type') or '-'}: {', '.join(r.get('worst_layers') or []) or '-'} | {r.get('worst_alone') or '-'} |")
+                     f"{r.get('worst_type') or '-'} ({r.get('explain_rank', '-')}): "
+                     f"{', '.join(r.get('worst_layers') or []) or '-'} | {r.get('worst_alone') or '-'} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
