@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 
 import numpy as np
@@ -282,3 +283,13 @@ def test_a_collapsed_probe_gets_a_caveat_line():
               "layer_bits": [], "samples": 10, "rank": "gain", "groups": [], "reference": "r", "caveat": text,
               "logits": {"sqnr_db": 1.0, "top1_agreement": 0.5, "probe_sqnr_db": 0.4, "probe_agreement": 0.134}}
     assert render(result)[-1] == f"caveat: {text}"
+
+
+def test_raise_width_comes_from_catalog_target_names_only(tmp_path):
+    from edgekd.pipeline.explain import _raise_bits
+
+    fifo = tmp_path / "target.toml"
+    os.mkfifo(fifo)  # a recorded "target" that is a path is never opened (a FIFO would block the read)
+    assert _raise_bits("onnxruntime-cpu") == 7  # reduce_range: 8-bit rules train at 7
+    assert _raise_bits("onnxruntime-arm") == 8
+    assert [_raise_bits(v) for v in (str(fifo), None, 3, "no-such-target")] == [8, 8, 8, 8]
