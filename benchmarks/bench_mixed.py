@@ -229,8 +229,10 @@ def main() -> None:
 
 def budget_text(args, seconds: float, w8: dict) -> str:
     images = f"first {args.train_limit}" if args.train_limit else "all"
-    return (f"{args.model}, {args.data}, {images} training images, {args.float_epochs} float epochs (lr {args.lr}, "
-            f"float student {w8['student_float_accuracy']:.2%} in PyTorch), W8A8 {args.w8_epochs} QAT epoch(s), "
+    made = (f"float student from {args.float_from}" if args.float_from else
+            f"{args.float_epochs} float epochs (lr {args.lr}), W8A8 {args.w8_epochs} QAT epoch(s)")
+    return (f"{args.model}, {args.data}, {images} training images, {made} (float student "
+            f"{w8['student_float_accuracy']:.2%} in PyTorch), "
             f"{args.epochs} QAT epochs per other cell (QAT lr {args.qat_lr or 'edgekd default'}), {'KD from the float student' if args.kd else 'QAT only'}, "
             f"target {args.target}, seed {args.seed}, {torch.get_num_threads()} training thread(s), bench "
             f"{args.threads} thread(s), CPU flags {cpu_flags()}, {seconds:.0f}s")
