@@ -2,15 +2,18 @@
 
 For a run (its student, rebuilt) or a bundle (its run's student, the bundle's eval samples and its
 ONNX graph), per Conv / Linear layer: what raising it to float in the quantized model gains at the
-logits (``gain_db``, the default ranking: most first; per layer type too, ``groups``); the SQNR
+logits (``gain_db``, ranking ``gain``: most first; per layer type too, ``groups``); the SQNR
 between the float student and the fake-quant one with only that layer quantized (``logits_db`` at
 the logits, ranking ``alone``: worst first; ``isolated_db`` at the layer's output, ``weights_db`` /
 ``inputs_db`` for its weights or inputs alone), with the whole model quantized (``cumulative_db``),
 and, where the bundle's backend can run its graph with tapped outputs (``Backend.run_tapped``: ONNX
 Runtime, QONNX), between the fake-quant student and the runtime at the layer's requantized output
 (``runtime_db``; None where they agree exactly, ``runtime_levels_off`` the share of values on another
-integer level). The float reference of a student trained with its quantizers is its float student
-(``_probe``). See quant.sensitivity (the PyTorch side) and export.probe (the runtime side).
+integer level). Each layer and layer type is also priced: its share of the noise at the logits,
+quantized alone (``noise_share``), and the packed weight bytes raising it adds (``raise_bytes``;
+quant.sensitivity.add_costs): rank "bytes" orders by the one per KiB of the other, and "auto" (the
+default) does where the whole model quantized has collapsed. The float reference of a student
+trained with its quantizers is its float student (``_probe``). See quant.sensitivity (the PyTorch side) and export.probe (the runtime side).
 """
 
 from __future__ import annotations

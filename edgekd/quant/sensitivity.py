@@ -221,8 +221,9 @@ RAISE_BITS = 8  # what a raise is priced at: ``--layer-bits TYPE=W8A8``
 
 
 def noise_power(db: float | None) -> float:
-    """The error power relative to the signal of an SQNR of ``db`` dB (0.0: exact)."""
-    return 0.0 if db is None else 10.0 ** (-db / 10.0)
+    """The error power relative to the signal of an SQNR of ``db`` dB (0.0: exact; a zero signal,
+    -inf dB, counts as 1e30: finite, so shares stay numbers)."""
+    return 0.0 if db is None else min(10.0 ** (-db / 10.0) if math.isfinite(db) else 1e30, 1e30)
 
 
 def packed_bytes(params: int, bits: int) -> int:
