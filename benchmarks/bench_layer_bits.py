@@ -5,7 +5,8 @@ The float student (``mobile-student`` of bench_mobile.py) trains once, with ``di
 (QAT-only method ``none``, no teacher, as bench_mobile.py); every cell starts QAT from it and trains
 ``--epochs`` at edgekd's default QAT learning rate. Each cell is exported for ``--target`` (ONNX
 Runtime; ``runtime`` is the manifest's ``runtime_accuracy_full``, on the whole test split, and
-``runtime_sample`` the bundle's eval sample) and explained on the bundle's eval samples. Results: ``results/layer_bits.{json,md}``.
+``runtime_sample`` the bundle's eval sample) and explained on the bundle's eval samples. Results:
+``results/layer_bits.{json,md}``.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_layer_bits.py          # Fashion-MNIST, 6000 images
 """

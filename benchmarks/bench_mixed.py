@@ -139,7 +139,9 @@ def alone_key(g: dict) -> float:
 
 def packed_from_explain(why: dict) -> int:
     """Packed weight bytes of the explained model (its layers' parameters at their weight bits)."""
-    return sum(-(-r["params"] * r["weight_bits"] // 8) for r in why["layers"])
+    from edgekd.quant.autobits import packed_bytes as packed
+
+    return sum(packed(r["params"], r["weight_bits"]) for r in why["layers"])
 
 
 def ort_ptq(args, work: Path, float_run: str, calib: int = 1024) -> list[dict]:

@@ -1,5 +1,6 @@
-"""One QAT cell trained and exported directly through the Python API (how the README's 87.05% / 87.80%
-W2A2 depthwise=W8A8 figures were made): Hinton KD from a float student made by bench_mixed.py
+"""One QAT cell trained and exported directly through the Python API (how an earlier README's 87.05% /
+87.80% W2A2 depthwise=W8A8 figures were made; those were on the bundle's 2,000-image eval sample, which
+this script now prints as ``runtime_sample``): Hinton KD from a float student made by bench_mixed.py
 (``--float-from``, its float.pt), no float phase, then export for ``--target`` (ONNX Runtime accuracy on
 the whole test split, parity against PyTorch). Prints one JSON line.
 

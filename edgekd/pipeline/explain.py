@@ -13,7 +13,8 @@ integer level). Each layer and layer type is also priced: its share of the noise
 quantized alone (``noise_share``), and the packed weight bytes raising it adds (``raise_bytes``;
 quant.sensitivity.add_costs): rank "bytes" orders by the one per KiB of the other, and "auto" (the
 default) does where the whole model quantized has collapsed. The float reference of a student
-trained with its quantizers is its float student (``_probe``). See quant.sensitivity (the PyTorch side) and export.probe (the runtime side).
+trained with its quantizers is its float student (``_probe``). See quant.sensitivity (the PyTorch
+side) and export.probe (the runtime side).
 """
 
 from __future__ import annotations

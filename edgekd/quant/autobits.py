@@ -39,6 +39,11 @@ MAX_STEPS = 1 << 18  # capacity steps of the knapsack; beyond, bytes are grouped
 UNMEASURABLE = 1e30  # the cost of a width whose error is not finite (a NaN or inf logit): last resort
 
 
+def packed_bytes(params: int, bits: int) -> int:
+    """Bytes of ``params`` weights packed at ``bits`` each: ceil(params x bits / 8)."""
+    return -(-params * bits // 8)
+
+
 @dataclass(frozen=True)
 class Layer:
     """A Conv / Linear layer: module path, type, weight parameters, and its fixed bits (None: chosen)."""
@@ -49,7 +54,7 @@ class Layer:
     fixed: int | None = None
 
     def nbytes(self, bits: int) -> int:
-        return -(-self.params * bits // 8)
+        return packed_bytes(self.params, bits)
 
 
 def widths(target) -> tuple[int, ...]:

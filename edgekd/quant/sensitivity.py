@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from . import layerbits
+from .autobits import packed_bytes
 
 EXACT = None  # how an error-free comparison is reported (JSON has no infinity)
 
@@ -224,11 +225,6 @@ def noise_power(db: float | None) -> float:
     """The error power relative to the signal of an SQNR of ``db`` dB (0.0: exact; a zero signal,
     -inf dB, counts as 1e30: finite, so shares stay numbers)."""
     return 0.0 if db is None else min(10.0 ** (-db / 10.0) if math.isfinite(db) else 1e30, 1e30)
-
-
-def packed_bytes(params: int, bits: int) -> int:
-    """Bytes of ``params`` weights packed at ``bits`` each."""
-    return -(-params * bits // 8)
 
 
 def add_costs(rows: list[dict], groups_: list[dict], raise_bits: int = RAISE_BITS) -> None:
